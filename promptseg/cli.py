@@ -1,0 +1,126 @@
+"""The ``promptseg`` command line: a thin layer over the Python API.
+
+Heavy imports (torch, open_clip) happen inside the commands that need them, so the device-side
+commands start fast and work with the base install.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .errors import PromptsegError
+
+
+class _Group(click.Group):
+    """Turns every :class:`PromptsegError` into ``Error: message`` and exit code 1, no traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except PromptsegError as exc:
+            click.echo(f"Error: {exc}", err=True)
+            ctx.exit(1)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="promptseg")
+def main() -> None:
+    """promptseg: train a CLIP-guided weakly-supervised segmenter from image-level labels,
+    export it, and run it on an edge device.
+
+    Start with `promptseg demo`: it generates the synthetic world and runs every stage on a CPU.
+    """
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@main.group(cls=_Group)
+def data() -> None:
+    """Datasets: generate the synthetic world; VOC/COCO are read in place."""
+
+
+@data.command("synth")
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--seed", default=0, show_default=True, help="Random seed; one seed gives identical files.")
+@click.option("--train", "n_train", default=2000, show_default=True, help="Number of training images.")
+@click.option("--val", "n_val", default=400, show_default=True, help="Number of validation images.")
+@click.option("--size", default=64, show_default=True, help="Image side in pixels.")
+@click.option("--context-prob", default=0.85, show_default=True,
+              help="Probability that a class appears on its own background context.")
+def data_synth(out: Path, seed: int, n_train: int, n_val: int, size: int, context_prob: float) -> None:
+    """Write the synthetic co-occurrence world to OUT in PASCAL VOC 2012 layout.
+
+    Six classes (boat, train, cow, plane, car, bird), each mostly seen on its own context
+    (water, railway, grass, sky, road, tree) and drawn in two variants whose captions use a
+    synonym. Besides the VOC files it writes ContextMasks/ (to measure CAM leak onto contexts),
+    classes.json (names, synonyms, contexts) and captions.jsonl (for CLIP pretraining).
+    """
+    from .data.synth import SynthConfig, write_world
+
+    cfg = SynthConfig(seed=seed, train=n_train, val=n_val, size=size, context_prob=context_prob)
+    cfg.validate()
+    with click.progressbar(length=n_train + n_val, label="synth world") as bar:
+        write_world(out, cfg, progress=bar.update)
+    click.echo(f"wrote {n_train} train + {n_val} val images to {out}")
+
+
+# ----------------------------------------------------------------------------- train
+
+
+@main.group(cls=_Group)
+def train() -> None:
+    """Training stages (needs the `train` extra: torch, open_clip)."""
+
+
+@train.command("clip")
+@click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Dataset in VOC layout with captions.jsonl (e.g. from `promptseg data synth`).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory to write.")
+@click.option("--model", default="promptseg-tiny-clip", show_default=True, help="open_clip model config name.")
+@click.option("--steps", default=300, show_default=True)
+@click.option("--batch-size", default=128, show_default=True)
+@click.option("--lr", default=1e-3, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--threads", default=2, show_default=True, help="torch CPU threads.")
+@click.option("--resume", is_flag=True, help="Continue from the run directory's last checkpoint.")
+def train_clip_cmd(data_dir, out, model, steps, batch_size, lr, seed, threads, resume) -> None:
+    """Pretrain a small CLIP on captions.jsonl and report its zero-shot multi-label mAP.
+
+    Writes clip.pt (loadable with open_clip.create_model_and_transforms(MODEL, pretrained=...)),
+    the model config, config.json and report.json (key clip_zero_shot_map) to --out.
+    """
+    from .train.clip import ClipTrainConfig, train_clip
+
+    cfg = ClipTrainConfig(data=data_dir, out=out, model=model, steps=steps, batch_size=batch_size,
+                          lr=lr, seed=seed, threads=threads)
+    report = train_clip(cfg, resume=resume)
+    click.echo(f"zero-shot mAP on val: {report['clip_zero_shot_map']:.3f}  ({out}/report.json)")
+
+
+# ----------------------------------------------------------------------------- demo
+
+
+@main.command()
+@click.option("--out", default="runs/demo", show_default=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder that receives everything of this run.")
+@click.option("--seed", default=0, show_default=True)
+def demo(out: Path, seed: int) -> None:
+    """Run the whole chain on the embedded synthetic world, on a CPU, in minutes.
+
+    Stages so far: synthetic world -> tiny CLIP pretraining -> report.json.
+    """
+    from .pipeline import DemoConfig, run_demo
+
+    report = run_demo(DemoConfig(out=str(out), seed=seed))
+    click.echo(f"demo finished: {out / 'report.json'}")
+    for key, value in report["summary"].items():
+        click.echo(f"  {key}: {value}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

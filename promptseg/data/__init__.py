@@ -1,0 +1,1 @@
+"""Datasets: the synthetic co-occurrence world, PASCAL VOC and COCO readers (numpy + Pillow only)."""

@@ -1,0 +1,1 @@
+"""Training stages (torch + open_clip): tiny CLIP pretraining; CAM methods follow."""

@@ -1,0 +1,89 @@
+from __future__ import annotations
+
+import json
+
+import open_clip
+import pytest
+import torch
+
+import promptseg.train.clip as clip_mod
+from promptseg.errors import ConfigError, DataError, PromptsegError
+from promptseg.train.clip import TINY_CLIP, ClipSpec, ClipTrainConfig, read_captions, train_clip
+
+
+def _cfg(world, out, **kw):
+    base = dict(data=str(world), out=str(out), steps=4, batch_size=16, warmup_steps=2, checkpoint_every=2)
+    base.update(kw)
+    return ClipTrainConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_world, tmp_path_factory):
+    out = tmp_path_factory.mktemp("clip")
+    report = train_clip(_cfg(tiny_world, out), show_progress=False)
+    return out, report
+
+
+def test_checkpoint_loads_through_open_clip(trained):
+    out, report = trained
+    model, _, preprocess = open_clip.create_model_and_transforms(TINY_CLIP, pretrained=str(out / "clip.pt"))
+    saved = torch.load(out / "clip.pt", weights_only=True)["state_dict"]
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(tensor, saved[name])
+    assert 0.0 <= report["clip_zero_shot_map"] <= 1.0
+    on_disk = json.loads((out / "report.json").read_text())
+    assert on_disk["clip_zero_shot_map"] == pytest.approx(report["clip_zero_shot_map"])
+    assert set(on_disk["clip_zero_shot_ap"]) == {"boat", "train", "cow", "plane", "car", "bird"}
+
+
+def test_spec_loads_a_run_directory(trained):
+    out, _ = trained
+    model, tokenizer = ClipSpec(TINY_CLIP, str(out)).load()
+    assert not any(p.requires_grad for p in model.parameters())
+    text = model.encode_text(tokenizer(["a photo of a boat."]))
+    assert text.shape == (1, 128)
+
+
+def test_spec_errors():
+    with pytest.raises(ConfigError, match="not an open_clip model"):
+        ClipSpec("no-such-clip").load()
+    with pytest.raises(PromptsegError, match="cannot load"):
+        ClipSpec(TINY_CLIP, "/nonexistent/clip.pt").load()
+
+
+def test_interrupted_training_resumes_to_the_same_weights(tiny_world, tmp_path, monkeypatch):
+    straight = train_clip(_cfg(tiny_world, tmp_path / "a"), show_progress=False)
+
+    original = clip_mod.save_checkpoint
+
+    def killed_after_first_checkpoint(path, state):
+        original(path, state)
+        if state.get("step") == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(clip_mod, "save_checkpoint", killed_after_first_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        train_clip(_cfg(tiny_world, tmp_path / "b"), show_progress=False)
+    monkeypatch.setattr(clip_mod, "save_checkpoint", original)
+    resumed = train_clip(_cfg(tiny_world, tmp_path / "b"), resume=True, show_progress=False)
+
+    a = torch.load(tmp_path / "a" / "clip.pt", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "b" / "clip.pt", weights_only=True)["state_dict"]
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0)
+    assert resumed["clip_zero_shot_map"] == straight["clip_zero_shot_map"]
+
+
+def test_resume_refuses_a_different_config(tiny_world, tmp_path):
+    train_clip(_cfg(tiny_world, tmp_path), show_progress=False)
+    with pytest.raises(PromptsegError, match="different config"):
+        train_clip(_cfg(tiny_world, tmp_path, lr=5e-4), resume=True, show_progress=False)
+
+
+def test_bad_captions_are_named(tmp_path):
+    (tmp_path / "captions.jsonl").write_text('{"id": "a", "captions": ["x"]}\nnot json\n')
+    with pytest.raises(DataError, match=r"captions.jsonl:2"):
+        read_captions(tmp_path, ["a"])
+    (tmp_path / "captions.jsonl").write_text('{"id": "a", "captions": ["x"]}\n')
+    with pytest.raises(DataError, match="no captions for 1"):
+        read_captions(tmp_path, ["a", "b"])
