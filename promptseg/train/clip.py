@@ -136,7 +136,7 @@ class ClipTrainConfig:
     seed: int = 0
     threads: int = 2
     checkpoint_every: int = 50
-    region_fraction: float = 0.5  # share of each batch drawn from region crops (when captions have regions)
+    region_fraction: float = 0.75  # share of each batch drawn from region crops (when captions have regions)
 
     def validate(self) -> None:
         if self.model not in open_clip.list_models():

@@ -1,0 +1,96 @@
+"""The CAM network: a torchvision ResNet trunk and a bias-free 1x1 classifier (as in CLIMS).
+
+``resnet50`` with output stride 16 is the paper configuration (ImageNet weights from a local
+file when given). The CPU default for the 64 px synthetic world is ``resnet18`` cut after its
+third stage at output stride 8: an 8 x 8 CAM for a 64 px image, at a cost two cores can train.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+from ..errors import ConfigError
+
+ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")
+
+
+@dataclass(frozen=True)
+class CamNetConfig:
+    arch: str = "resnet18"
+    stages: int = 3  # residual stages kept (layer1..layerN); 4 = the whole trunk
+    output_stride: int = 8  # 4, 8, 16 or 32: stages past it run at stride 1 (no dilation, as CLIMS)
+    pretrained: str | None = None  # local torchvision state-dict file (no downloads)
+
+    def validate(self) -> None:
+        if self.arch not in ARCHS:
+            raise ConfigError(f"arch: got {self.arch!r} | expected one of {', '.join(ARCHS)}")
+        if self.stages not in (2, 3, 4):
+            raise ConfigError(f"stages: got {self.stages} | expected 2, 3 or 4")
+        max_stride = 4 * 2 ** (self.stages - 1)
+        if self.output_stride not in (4, 8, 16, 32) or self.output_stride > max_stride:
+            raise ConfigError(f"output_stride: got {self.output_stride} | expected 4..{max_stride} "
+                              f"(a power of 2) for {self.stages} stages")
+
+
+class CamNet(nn.Module):
+    """``B x 3 x H x W`` normalised RGB -> class activation maps ``B x C x H/os x W/os``."""
+
+    def __init__(self, cfg: CamNetConfig, num_classes: int):
+        super().__init__()
+        cfg.validate()
+        resnet = getattr(torchvision.models, cfg.arch)(weights=None)
+        if cfg.pretrained:
+            state = torch.load(cfg.pretrained, map_location="cpu", weights_only=True)
+            resnet.load_state_dict(state)
+        layers = [resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4][: cfg.stages]
+        stride = 4
+        for layer in layers[1:]:
+            if stride >= cfg.output_stride:
+                _unstride(layer)
+            else:
+                stride *= 2
+        self.stem = nn.Sequential(resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool)
+        self.trunk = nn.Sequential(*layers)
+        channels = layers[-1][-1].conv3.out_channels if hasattr(layers[-1][-1], "conv3") \
+            else layers[-1][-1].conv2.out_channels
+        self.classifier = nn.Conv2d(channels, num_classes, kernel_size=1, bias=False)
+        self.output_stride = cfg.output_stride
+        self.num_classes = num_classes
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        return self.trunk(self.stem(images))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Raw class activation maps (no ReLU): the classifier applied at every position."""
+        return self.classifier(self.features(images))
+
+    @staticmethod
+    def logits(cams: torch.Tensor) -> torch.Tensor:
+        """Image-level logits = global average of the CAMs (a 1x1 conv commutes with GAP)."""
+        return cams.mean(dim=(2, 3))
+
+    def param_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """(backbone, classifier) parameters: the references train the classifier at 10x lr."""
+        return list(self.stem.parameters()) + list(self.trunk.parameters()), list(self.classifier.parameters())
+
+
+def _unstride(layer: nn.Sequential) -> None:
+    """Set the stride of a residual stage's first block (and its shortcut) to 1."""
+    block = layer[0]
+    for conv in (getattr(block, "conv1", None), getattr(block, "conv2", None)):
+        if conv is not None and conv.stride == (2, 2):
+            conv.stride = (1, 1)
+    if block.downsample is not None:
+        block.downsample[0].stride = (1, 1)
+
+
+def normalise_cams(cams: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """ReLU CAMs divided by their per-map maximum (CLIMS's inference normalisation), in 0..1."""
+    cams = F.relu(cams)
+    peak = cams.flatten(-2).amax(-1)[..., None, None]
+    return cams / (peak + eps)

@@ -1,0 +1,259 @@
+"""CAM network training: the multilabel soft-margin baseline, then the CLIP-guided methods.
+
+Every run directory holds ``config.json`` (the resolved dataclass), ``train_state.pt`` (written
+atomically every epoch; ``resume=True`` continues from it), ``cam_net.pt`` (final weights),
+``report.json`` and ``log.jsonl``.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from ..data.voc import VOCDataset
+from ..errors import ConfigError, PromptsegError
+from ..io import write_json_atomic
+from .cam_net import CamNet, CamNetConfig
+from .cams import IMAGENET_MEAN, imagenet_normalise, infer_cams, score_cams
+from .checkpoint import load_checkpoint, save_checkpoint
+
+OPTIMIZERS = ("sgd", "adamw")
+
+
+@dataclass(frozen=True)
+class CamTrainConfig:
+    """One CAM training run; saved as ``config.json`` beside its outputs."""
+
+    data: str
+    out: str
+    method: str = "baseline"
+    net: CamNetConfig = field(default_factory=CamNetConfig)
+    split: str = "train"
+    epochs: int = 8
+    batch_size: int = 32
+    optimizer: str = "adamw"
+    lr: float = 1e-3
+    classifier_lr_mult: float = 10.0
+    weight_decay: float = 1e-4
+    crop: int = 64
+    scale_range: tuple[float, float] = (0.8, 1.25)
+    cam_scales: tuple[float, ...] = (1.0, 0.5, 1.5, 2.0)
+    seed: int = 0
+    threads: int = 2
+
+    def validate(self) -> None:
+        self.net.validate()
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"optimizer: got {self.optimizer!r} | expected one of {OPTIMIZERS}")
+        for name in ("epochs", "batch_size", "crop", "threads"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: got {getattr(self, name)} | expected >= 1")
+        lo, hi = self.scale_range
+        if not 0 < lo <= hi:
+            raise ConfigError(f"scale_range: got {self.scale_range} | expected 0 < low <= high")
+
+
+class CamCrops(Dataset):
+    """Random-scale, random-crop, flipped training crops: ``3 x crop x crop`` RGB 0..1 and labels.
+
+    Padding uses the ImageNet mean colour, which normalises to zero (as the references pad).
+    """
+
+    def __init__(self, dataset: VOCDataset, crop: int, scale_range: tuple[float, float]):
+        self.dataset, self.crop, self.scale_range = dataset, crop, scale_range
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        sample = self.dataset[index]
+        image = torch.tensor(sample.load_image()).permute(2, 0, 1).float()[None] / 255.0
+        scale = random.uniform(*self.scale_range)
+        height, width = image.shape[-2:]
+        size = (max(int(height * scale), 8), max(int(width * scale), 8))
+        image = F.interpolate(image, size=size, mode="bilinear", align_corners=False)[0]
+        if random.random() < 0.5:
+            image = image.flip(-1)
+        canvas = torch.tensor(IMAGENET_MEAN).view(3, 1, 1).repeat(1, self.crop, self.crop)
+        top, left = random.randint(0, max(size[0] - self.crop, 0)), random.randint(0, max(size[1] - self.crop, 0))
+        piece = image[:, top:top + self.crop, left:left + self.crop]
+        off_y, off_x = random.randint(0, self.crop - piece.shape[1]), random.randint(0, self.crop - piece.shape[2])
+        canvas[:, off_y:off_y + piece.shape[1], off_x:off_x + piece.shape[2]] = piece
+        return canvas, torch.from_numpy(sample.labels)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _poly_lr(base: float, step: int, total: int, power: float = 0.9) -> float:
+    return base * (1 - step / total) ** power
+
+
+class CamTrainer:
+    """The training loop shared by every method; methods add their loss in :meth:`method_loss`."""
+
+    def __init__(self, cfg: CamTrainConfig):
+        cfg.validate()
+        self.cfg = cfg
+        self.out = Path(cfg.out)
+        self.dataset = VOCDataset(cfg.data, cfg.split)
+        self.net = CamNet(cfg.net, self.dataset.num_classes)
+
+    # -- hooks for the CLIP-guided methods
+    def method_loss(self, images01: torch.Tensor, cams: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Baseline: multilabel soft-margin loss on GAP logits."""
+        return {"cls": F.multilabel_soft_margin_loss(CamNet.logits(cams), labels)}
+
+    def extra_parameters(self) -> list[dict]:
+        return []
+
+    # -- the loop
+    def _optimizer(self):
+        backbone, classifier = self.net.param_groups()
+        cfg = self.cfg
+        groups = [{"params": backbone, "lr": cfg.lr, "base_lr": cfg.lr},
+                  {"params": classifier, "lr": cfg.lr * cfg.classifier_lr_mult,
+                   "base_lr": cfg.lr * cfg.classifier_lr_mult}]
+        groups += self.extra_parameters()
+        if cfg.optimizer == "sgd":
+            return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    def train(self, *, resume: bool = False, show_progress: bool = True) -> dict:
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        torch.set_num_threads(cfg.threads)
+        _seed_everything(cfg.seed)
+        optimizer = self._optimizer()
+        generator = torch.Generator().manual_seed(cfg.seed)
+        loader = DataLoader(CamCrops(self.dataset, cfg.crop, cfg.scale_range), batch_size=cfg.batch_size,
+                            shuffle=True, drop_last=len(self.dataset) > cfg.batch_size, generator=generator,
+                            num_workers=0)
+        total_steps = cfg.epochs * len(loader)
+        state_path = self.out / "train_state.pt"
+        start_epoch = 0
+        if resume and state_path.exists():
+            state = load_checkpoint(state_path)
+            if state["config"] != json.loads(json.dumps(asdict(cfg))):
+                raise PromptsegError(f"{state_path}: saved with a different config; rerun without --resume")
+            self.net.load_state_dict(state["net"])
+            optimizer.load_state_dict(state["optimizer"])
+            self.load_extra_state(state.get("extra", {}))
+            torch.set_rng_state(state["torch_rng"])
+            generator.set_state(state["loader_rng"])
+            random.setstate(_tuple_state(state["py_rng"]))
+            start_epoch = state["epoch"]
+        write_json_atomic(self.out / "config.json", cfg)
+
+        started = time.perf_counter()
+        log_path = self.out / "log.jsonl"
+        if start_epoch == 0 and log_path.exists():
+            log_path.unlink()
+        bar = tqdm(total=total_steps, initial=start_epoch * len(loader), desc=f"train {cfg.method}",
+                   disable=not show_progress)
+        for epoch in range(start_epoch, cfg.epochs):
+            self.net.train()
+            sums: dict[str, float] = {}
+            for i, (images01, labels) in enumerate(loader):
+                step = epoch * len(loader) + i
+                for group in optimizer.param_groups:
+                    group["lr"] = _poly_lr(group["base_lr"], step, total_steps)
+                cams = self.net(imagenet_normalise(images01))
+                terms = self.method_loss(images01, cams, labels)
+                loss = sum(terms.values())
+                if not torch.isfinite(loss):
+                    raise PromptsegError(f"loss became {loss.item()} at step {step}: lower the learning rate")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                for name, value in terms.items():
+                    sums[name] = sums.get(name, 0.0) + value.item()
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+            with log_path.open("a") as fh:
+                fh.write(json.dumps({"epoch": epoch + 1, **{k: v / len(loader) for k, v in sums.items()}}) + "\n")
+            save_checkpoint(state_path, {
+                "net": self.net.state_dict(), "optimizer": optimizer.state_dict(), "extra": self.extra_state(),
+                "torch_rng": torch.get_rng_state(), "loader_rng": generator.get_state(),
+                "py_rng": _list_state(random.getstate()), "epoch": epoch + 1,
+                "config": json.loads(json.dumps(asdict(cfg))),
+            })
+        bar.close()
+        train_seconds = time.perf_counter() - started
+        save_checkpoint(self.out / "cam_net.pt", {"net": self.net.state_dict(), "num_classes": self.net.num_classes,
+                                                   "class_names": list(self.dataset.class_names)})
+        report = {"method": cfg.method, "seed": cfg.seed, "train_seconds_this_session": round(train_seconds, 1),
+                  **self.evaluate(show_progress=show_progress)}
+        write_json_atomic(self.out / "report.json", report)
+        return report
+
+    def extra_state(self) -> dict:
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        """Restore method-specific state saved by :meth:`extra_state`."""
+
+    def evaluate(self, show_progress: bool = False, batch_size: int = 64) -> dict:
+        """CAM mIoU and context leak on the training split (WSSS evaluates CAMs on train)."""
+        from tqdm import tqdm
+
+        self.net.eval()
+        dataset = VOCDataset(self.cfg.data, self.cfg.split)
+
+        def items():
+            for chunk in tqdm(_same_size_chunks(dataset, batch_size), desc="CAMs", disable=not show_progress):
+                images = np.stack([s.load_image() for s in chunk])
+                cams = infer_cams(self.net, images, np.stack([s.labels for s in chunk]), self.cfg.cam_scales)
+                for sample, sample_cams in zip(chunk, cams, strict=True):
+                    context = sample.load_context() if sample.context_path is not None else None
+                    yield sample_cams, sample.load_mask(), context
+
+        return score_cams(items(), dataset.num_classes)
+
+
+def _same_size_chunks(dataset: VOCDataset, batch_size: int):
+    """Consecutive samples grouped while their image sizes agree (real datasets vary; worlds do not)."""
+    from PIL import Image
+
+    chunk, size = [], None
+    for sample in dataset:
+        with Image.open(sample.image_path) as img:
+            this = img.size
+        if chunk and (this != size or len(chunk) == batch_size):
+            yield chunk
+            chunk = []
+        chunk.append(sample)
+        size = this
+    if chunk:
+        yield chunk
+
+
+def _list_state(state):
+    """Python's RNG state as nested lists (``weights_only`` checkpoints hold no tuples of ints)."""
+    return [state[0], list(state[1]), state[2]]
+
+
+def _tuple_state(state):
+    return (state[0], tuple(state[1]), state[2])
+
+
+def train_cam(cfg: CamTrainConfig, *, resume: bool = False, show_progress: bool = True) -> dict:
+    trainer = {"baseline": CamTrainer}.get(cfg.method)
+    if trainer is None:
+        raise ConfigError(f"method: got {cfg.method!r} | expected baseline")
+    return trainer(cfg).train(resume=resume, show_progress=show_progress)
+
+

@@ -1,0 +1,91 @@
+"""From a CAM network to class maps, pseudo-masks and their scores.
+
+CAM inference follows CLIMS: ReLU CAMs at several scales with horizontal flips, resized to the
+image, summed, divided by the per-class maximum, and kept for the image's labelled classes only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..data.palette import IGNORE_INDEX
+from ..eval import ConfusionMatrix, ContextLeak
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CLIMS_BACKGROUND_THRESHOLD = 0.15  # fixed in advance by the reference; not tuned on our labels
+
+
+def imagenet_normalise(images01: torch.Tensor) -> torch.Tensor:
+    """``B x 3 x H x W`` RGB 0..1 -> ImageNet-normalised input of the CAM network."""
+    mean = images01.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = images01.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (images01 - mean) / std
+
+
+@torch.no_grad()
+def infer_cams(net, images_u8: np.ndarray, labels: np.ndarray, scales: Sequence[float] = (1.0, 0.5, 1.5, 2.0),
+               flip: bool = True) -> np.ndarray:
+    """Multi-scale, flipped CAMs of a batch of same-size images.
+
+    ``images_u8``: ``B x H x W x 3`` uint8 RGB; ``labels``: ``B x C`` multi-hot. Returns
+    ``B x C x H x W`` float32 in 0..1, zero for classes an image is not labelled with.
+    """
+    images = torch.from_numpy(np.array(images_u8, dtype=np.float32)).permute(0, 3, 1, 2) / 255.0
+    images = imagenet_normalise(images)
+    batch, _, height, width = images.shape
+    total = torch.zeros(batch, net.num_classes, height, width)
+    for scale in scales:
+        size = (max(int(round(height * scale)), 8), max(int(round(width * scale)), 8))
+        scaled = F.interpolate(images, size=size, mode="bilinear", align_corners=False) if scale != 1.0 else images
+        cams = F.relu(net(torch.cat([scaled, scaled.flip(-1)]) if flip else scaled))
+        if flip:
+            cams = cams[:batch] + cams[batch:].flip(-1)
+        total += F.interpolate(cams, size=(height, width), mode="bilinear", align_corners=False)
+    total[~torch.from_numpy(np.asarray(labels) > 0)] = 0
+    peak = total.flatten(2).amax(2).clamp_min(1e-5)[..., None, None]
+    return (total / peak).numpy()
+
+
+def cams_to_mask(cams: np.ndarray, threshold: float) -> np.ndarray:
+    """``C x H x W`` maps in 0..1 -> ``H x W`` uint8 ids: argmax over [threshold, maps], 0 = background."""
+    stacked = np.concatenate([np.full((1, *cams.shape[1:]), threshold, dtype=cams.dtype), cams])
+    return stacked.argmax(0).astype(np.uint8)
+
+
+def score_cams(items: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray | None]], num_classes: int,
+               threshold: float = CLIMS_BACKGROUND_THRESHOLD,
+               oracle_thresholds: Sequence[float] = tuple(np.round(np.arange(0.05, 0.96, 0.05), 2))) -> dict:
+    """Score CAMs against ground truth: mIoU and context leak at the fixed ``threshold``.
+
+    ``items`` yields ``(cams, gt_mask, context_mask_or_None)``. The best threshold on the same
+    ground truth is reported apart as ``oracle_*``: it looked at the labels, so it is not a result.
+    """
+    thresholds = sorted({float(threshold), *map(float, oracle_thresholds)})
+    matrices = {t: ConfusionMatrix(num_classes + 1) for t in thresholds}
+    leak = ContextLeak(num_classes)
+    have_context = True
+    for cams, gt, context in items:
+        for t in thresholds:
+            pred = cams_to_mask(cams, t)
+            matrices[t].update(pred, gt)
+            if t == threshold:
+                if context is None:
+                    have_context = False
+                else:
+                    leak.update(np.where(gt == IGNORE_INDEX, IGNORE_INDEX, pred), context)
+    best = max(thresholds, key=lambda t: matrices[t].miou())
+    return {
+        "background_threshold": threshold,
+        "cam_miou": 100 * matrices[threshold].miou(),
+        "cam_per_class_iou": [None if np.isnan(v) else 100 * float(v) for v in matrices[threshold].iou()],
+        "context_leak": float(leak.overall()) if have_context else None,
+        "context_leak_per_class": [None if np.isnan(v) else float(v) for v in leak.per_class()] if have_context
+        else None,
+        "oracle_cam_miou": 100 * matrices[best].miou(),
+        "oracle_background_threshold": best,
+    }
