@@ -13,3 +13,25 @@ def tiny_world(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("world")
     write_world(root, SynthConfig(seed=3, train=96, val=32))
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tiny_world, tmp_path_factory) -> Path:
+    """A CLIP run directory trained for a few steps: enough for shapes and code paths."""
+    from promptseg.train.clip import ClipTrainConfig, train_clip
+
+    out = tmp_path_factory.mktemp("tiny_clip")
+    train_clip(ClipTrainConfig(data=str(tiny_world), out=str(out), steps=3, batch_size=16, warmup_steps=1),
+               show_progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def baseline_run(tiny_world, tmp_path_factory) -> Path:
+    from promptseg.train.cam_train import train_cam
+    from promptseg.train.config import CamTrainConfig
+
+    out = tmp_path_factory.mktemp("baseline")
+    train_cam(CamTrainConfig(data=str(tiny_world), out=str(out), epochs=1, batch_size=16, cam_scales=(1.0,)),
+              show_progress=False)
+    return out

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -19,46 +19,12 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from ..data.voc import VOCDataset
-from ..errors import ConfigError, PromptsegError
+from ..errors import PromptsegError
 from ..io import write_json_atomic
-from .cam_net import CamNet, CamNetConfig
-from .cams import IMAGENET_MEAN, imagenet_normalise, infer_cams, score_cams
+from .cam_net import CamNet
+from .cams import CLIMS_BACKGROUND_THRESHOLD, IMAGENET_MEAN, imagenet_normalise, infer_cams, score_cams
 from .checkpoint import load_checkpoint, save_checkpoint
-
-OPTIMIZERS = ("sgd", "adamw")
-
-
-@dataclass(frozen=True)
-class CamTrainConfig:
-    """One CAM training run; saved as ``config.json`` beside its outputs."""
-
-    data: str
-    out: str
-    method: str = "baseline"
-    net: CamNetConfig = field(default_factory=CamNetConfig)
-    split: str = "train"
-    epochs: int = 8
-    batch_size: int = 32
-    optimizer: str = "adamw"
-    lr: float = 1e-3
-    classifier_lr_mult: float = 10.0
-    weight_decay: float = 1e-4
-    crop: int = 64
-    scale_range: tuple[float, float] = (0.8, 1.25)
-    cam_scales: tuple[float, ...] = (1.0, 0.5, 1.5, 2.0)
-    seed: int = 0
-    threads: int = 2
-
-    def validate(self) -> None:
-        self.net.validate()
-        if self.optimizer not in OPTIMIZERS:
-            raise ConfigError(f"optimizer: got {self.optimizer!r} | expected one of {OPTIMIZERS}")
-        for name in ("epochs", "batch_size", "crop", "threads"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name}: got {getattr(self, name)} | expected >= 1")
-        lo, hi = self.scale_range
-        if not 0 < lo <= hi:
-            raise ConfigError(f"scale_range: got {self.scale_range} | expected 0 < low <= high")
+from .config import CamTrainConfig
 
 
 class CamCrops(Dataset):
@@ -87,10 +53,10 @@ class CamCrops(Dataset):
         piece = image[:, top:top + self.crop, left:left + self.crop]
         off_y, off_x = random.randint(0, self.crop - piece.shape[1]), random.randint(0, self.crop - piece.shape[2])
         canvas[:, off_y:off_y + piece.shape[1], off_x:off_x + piece.shape[2]] = piece
-        return canvas, torch.from_numpy(sample.labels)
+        return canvas, torch.from_numpy(sample.labels), index
 
 
-def _seed_everything(seed: int) -> None:
+def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -111,12 +77,17 @@ class CamTrainer:
         self.net = CamNet(cfg.net, self.dataset.num_classes)
 
     # -- hooks for the CLIP-guided methods
-    def method_loss(self, images01: torch.Tensor, cams: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Baseline: multilabel soft-margin loss on GAP logits."""
+    def method_loss(self, images01: torch.Tensor, cams: torch.Tensor, labels: torch.Tensor,
+                    rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Weighted loss terms of one batch (``rows``: dataset indices). Baseline: multilabel soft margin."""
         return {"cls": F.multilabel_soft_margin_loss(CamNet.logits(cams), labels)}
 
     def extra_parameters(self) -> list[dict]:
         return []
+
+    def run_facts(self) -> dict:
+        """Method-specific facts for ``report.json`` (thresholds used, prompt choices, ...)."""
+        return {}
 
     # -- the loop
     def _optimizer(self):
@@ -136,7 +107,7 @@ class CamTrainer:
         cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
         torch.set_num_threads(cfg.threads)
-        _seed_everything(cfg.seed)
+        seed_everything(cfg.seed)
         optimizer = self._optimizer()
         generator = torch.Generator().manual_seed(cfg.seed)
         loader = DataLoader(CamCrops(self.dataset, cfg.crop, cfg.scale_range), batch_size=cfg.batch_size,
@@ -167,12 +138,12 @@ class CamTrainer:
         for epoch in range(start_epoch, cfg.epochs):
             self.net.train()
             sums: dict[str, float] = {}
-            for i, (images01, labels) in enumerate(loader):
+            for i, (images01, labels, rows) in enumerate(loader):
                 step = epoch * len(loader) + i
                 for group in optimizer.param_groups:
                     group["lr"] = _poly_lr(group["base_lr"], step, total_steps)
                 cams = self.net(imagenet_normalise(images01))
-                terms = self.method_loss(images01, cams, labels)
+                terms = self.method_loss(images01, cams, labels, rows)
                 loss = sum(terms.values())
                 if not torch.isfinite(loss):
                     raise PromptsegError(f"loss became {loss.item()} at step {step}: lower the learning rate")
@@ -196,7 +167,7 @@ class CamTrainer:
         save_checkpoint(self.out / "cam_net.pt", {"net": self.net.state_dict(), "num_classes": self.net.num_classes,
                                                    "class_names": list(self.dataset.class_names)})
         report = {"method": cfg.method, "seed": cfg.seed, "train_seconds_this_session": round(train_seconds, 1),
-                  **self.evaluate(show_progress=show_progress)}
+                  **self.run_facts(), **self.evaluate(show_progress=show_progress)}
         write_json_atomic(self.out / "report.json", report)
         return report
 
@@ -207,21 +178,38 @@ class CamTrainer:
         """Restore method-specific state saved by :meth:`extra_state`."""
 
     def evaluate(self, show_progress: bool = False, batch_size: int = 64) -> dict:
-        """CAM mIoU and context leak on the training split (WSSS evaluates CAMs on train)."""
+        """CAM scores on the training split (WSSS evaluates CAMs on train).
+
+        The background threshold is chosen on the held-out ``val_split`` (its labels never touch
+        training) and then applied to train: ``cam_miou``. The CLIMS threshold 0.15 is reported
+        too, and the best threshold on train itself only as ``oracle_*``.
+        """
         from tqdm import tqdm
 
         self.net.eval()
-        dataset = VOCDataset(self.cfg.data, self.cfg.split)
+        scales = self.cfg.cam_scales
 
-        def items():
-            for chunk in tqdm(_same_size_chunks(dataset, batch_size), desc="CAMs", disable=not show_progress):
+        def items(dataset, desc):
+            for chunk in tqdm(_same_size_chunks(dataset, batch_size), desc=desc, disable=not show_progress):
                 images = np.stack([s.load_image() for s in chunk])
-                cams = infer_cams(self.net, images, np.stack([s.labels for s in chunk]), self.cfg.cam_scales)
+                cams = infer_cams(self.net, images, np.stack([s.labels for s in chunk]), scales)
                 for sample, sample_cams in zip(chunk, cams, strict=True):
                     context = sample.load_context() if sample.context_path is not None else None
                     yield sample_cams, sample.load_mask(), context
 
-        return score_cams(items(), dataset.num_classes)
+        report: dict = {}
+        threshold = CLIMS_BACKGROUND_THRESHOLD
+        if self.cfg.val_split:
+            held_out = VOCDataset(self.cfg.data, self.cfg.val_split)
+            val = score_cams(items(held_out, "CAMs (val)"), held_out.num_classes)
+            threshold = val["oracle_background_threshold"]
+            report["val_cam_miou"] = val["oracle_cam_miou"]
+        train = score_cams(items(self.dataset, "CAMs (train)"), self.dataset.num_classes, threshold=threshold,
+                           extra_thresholds=(CLIMS_BACKGROUND_THRESHOLD,))
+        report.update(train)
+        report["background_threshold_source"] = f"best on {self.cfg.val_split}" if self.cfg.val_split \
+            else "CLIMS default"
+        return report
 
 
 def _same_size_chunks(dataset: VOCDataset, batch_size: int):
@@ -251,9 +239,14 @@ def _tuple_state(state):
 
 
 def train_cam(cfg: CamTrainConfig, *, resume: bool = False, show_progress: bool = True) -> dict:
-    trainer = {"baseline": CamTrainer}.get(cfg.method)
-    if trainer is None:
-        raise ConfigError(f"method: got {cfg.method!r} | expected baseline")
-    return trainer(cfg).train(resume=resume, show_progress=show_progress)
+    """Train one CAM run of ``cfg.method`` and return its report."""
+    cfg.validate()
+    if cfg.method == "baseline":
+        return CamTrainer(cfg).train(resume=resume, show_progress=show_progress)
+    from .methods import TRAINERS, train_semples
+
+    if cfg.method == "semples":
+        return train_semples(cfg, resume=resume, show_progress=show_progress)
+    return TRAINERS[cfg.method](cfg).train(resume=resume, show_progress=show_progress)
 
 

@@ -58,14 +58,15 @@ def cams_to_mask(cams: np.ndarray, threshold: float) -> np.ndarray:
 
 
 def score_cams(items: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray | None]], num_classes: int,
-               threshold: float = CLIMS_BACKGROUND_THRESHOLD,
+               threshold: float = CLIMS_BACKGROUND_THRESHOLD, extra_thresholds: Sequence[float] = (),
                oracle_thresholds: Sequence[float] = tuple(np.round(np.arange(0.05, 0.96, 0.05), 2))) -> dict:
-    """Score CAMs against ground truth: mIoU and context leak at the fixed ``threshold``.
+    """Score CAMs against ground truth: mIoU and context leak at ``threshold``.
 
-    ``items`` yields ``(cams, gt_mask, context_mask_or_None)``. The best threshold on the same
-    ground truth is reported apart as ``oracle_*``: it looked at the labels, so it is not a result.
+    ``items`` yields ``(cams, gt_mask, context_mask_or_None)``. ``extra_thresholds`` are reported
+    as ``cam_miou_at_<t>``. The best threshold on the same ground truth is reported apart as
+    ``oracle_*``: it looked at the labels it is scored on, so it is not a result.
     """
-    thresholds = sorted({float(threshold), *map(float, oracle_thresholds)})
+    thresholds = sorted({float(threshold), *map(float, extra_thresholds), *map(float, oracle_thresholds)})
     matrices = {t: ConfusionMatrix(num_classes + 1) for t in thresholds}
     leak = ContextLeak(num_classes)
     have_context = True
@@ -79,7 +80,7 @@ def score_cams(items: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray | None]]
                 else:
                     leak.update(np.where(gt == IGNORE_INDEX, IGNORE_INDEX, pred), context)
     best = max(thresholds, key=lambda t: matrices[t].miou())
-    return {
+    report = {
         "background_threshold": threshold,
         "cam_miou": 100 * matrices[threshold].miou(),
         "cam_per_class_iou": [None if np.isnan(v) else 100 * float(v) for v in matrices[threshold].iou()],
@@ -89,3 +90,6 @@ def score_cams(items: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray | None]]
         "oracle_cam_miou": 100 * matrices[best].miou(),
         "oracle_background_threshold": best,
     }
+    for t in extra_thresholds:
+        report[f"cam_miou_at_{t:g}"] = 100 * matrices[float(t)].miou()
+    return report

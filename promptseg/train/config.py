@@ -1,0 +1,93 @@
+"""Typed configuration of the CAM stages: filled by the CLI, saved beside every run."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..errors import ConfigError
+from .cam_net import CamNetConfig
+from .clip import TINY_CLIP
+
+OPTIMIZERS = ("sgd", "adamw")
+METHODS = ("baseline", "clims", "pole", "semples", "semples_a", "semples_c")  # semples = stages a, b, c
+
+CLIMS_BACKGROUND_WORDS = ("tree", "river", "sea", "lake", "water", "railway", "railroad", "track", "stone", "rocks")
+
+
+@dataclass(frozen=True)
+class ClipGuidance:
+    """Everything the CLIP-guided methods add to a CAM run (METHODS.md defaults for VOC)."""
+
+    clip_model: str = TINY_CLIP
+    clip_pretrained: str | None = None
+    init_from: str | None = None  # baseline run directory or cam_net.pt to start the CAM network from
+    class_words: tuple[str, ...] | None = None  # prompt words per class; None = the class names
+    w_otm: float = 10.0
+    w_btm: float = 24.0
+    w_cbs: float = 1.0
+    w_reg: float = 0.2
+    # L_CBS threshold: 0.26 was tuned on OpenAI CLIP's cosine scale. None = the `cbs_quantile` of
+    # this CLIP's similarities between training images and the background prompts (recorded).
+    cbs_threshold: float | None = 0.26
+    cbs_quantile: float = 0.75
+    background_words: tuple[str, ...] = CLIMS_BACKGROUND_WORDS
+    # POLE
+    candidates: str | None = None  # JSON {class: [names...]}; None = classes.json "synonyms"
+    adaptor_lr_mult: float = 1.0
+    # SemPLeS
+    prompt_length: int = 30
+    w_prompt_text: float = 0.02
+    w_refine: float = 0.05
+    prompt_epochs: int = 2
+    prompt_lr: float = 0.025  # 0.1 x 128 / 512, as the reference scales it
+    prompts_from: str | None = None  # stage (c): the stage (b) run holding text_features.pt
+
+
+
+@dataclass(frozen=True)
+class CamTrainConfig:
+    """One CAM training run; saved as ``config.json`` beside its outputs."""
+
+    data: str
+    out: str
+    method: str = "baseline"
+    net: CamNetConfig = field(default_factory=CamNetConfig)
+    split: str = "train"
+    val_split: str | None = "val"  # held-out split that picks the CAM background threshold
+    epochs: int = 8
+    batch_size: int = 32
+    optimizer: str = "adamw"
+    lr: float = 1e-3
+    classifier_lr_mult: float = 10.0
+    weight_decay: float = 1e-4
+    crop: int = 64
+    scale_range: tuple[float, float] = (0.8, 1.25)
+    cam_scales: tuple[float, ...] = (1.0, 0.5, 1.5, 2.0)
+    seed: int = 0
+    threads: int = 2
+    guidance: ClipGuidance | None = None  # the CLIP-guided methods' settings
+
+    def validate(self) -> None:
+        self.net.validate()
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"optimizer: got {self.optimizer!r} | expected one of {OPTIMIZERS}")
+        for name in ("epochs", "batch_size", "crop", "threads"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: got {getattr(self, name)} | expected >= 1")
+        if self.method not in METHODS:
+            raise ConfigError(f"method: got {self.method!r} | expected one of {', '.join(METHODS)}")
+        lo, hi = self.scale_range
+        if not 0 < lo <= hi:
+            raise ConfigError(f"scale_range: got {self.scale_range} | expected 0 < low <= high")
+
+
+def default_guidance(method: str, **overrides) -> ClipGuidance:
+    """METHODS.md's loss weights for each method (VOC values), with ``overrides`` on top."""
+    per_method = {
+        "clims": {},
+        "pole": {"w_btm": 25.0, "w_reg": 0.0},
+        "semples": {"w_otm": 1.0, "w_btm": 2.4, "w_cbs": 0.0, "w_reg": 0.0},
+    }
+    if method not in per_method:
+        raise ConfigError(f"method: got {method!r} | expected one of {', '.join(per_method)}")
+    return ClipGuidance(**{**per_method[method], **overrides})

@@ -1,0 +1,368 @@
+"""The CLIP-guided CAM methods: CLIMS, POLE and SemPLeS (losses in :mod:`.losses`).
+
+All three share one mechanism: for every present class k of a crop X, the class map P_k masks
+the image into fg_k = P_k * X and bg_k = (1 - P_k) * X, a frozen CLIP embeds both (gradients flow
+through CLIP's image tower into the CAM network), and losses compare them with text features.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import ConfigError, PromptsegError
+from ..io import read_json, write_json_atomic
+from . import losses
+from .cam_net import CamNet
+from .cam_train import CamCrops, CamTrainer, seed_everything
+from .cams import imagenet_normalise, infer_cams
+from .checkpoint import load_checkpoint, save_checkpoint
+from .clip import ClipSpec, clip_input_size, clip_normalize, encode_prompts
+from .config import CamTrainConfig
+from .prompts import CLASS_TEMPLATE, BackgroundPrompts, ClipAdapter
+
+
+def _baseline_weights(path: str) -> dict:
+    candidate = Path(path)
+    if candidate.is_dir():
+        candidate = candidate / "cam_net.pt"
+    return load_checkpoint(candidate)["net"]
+
+
+class ClipGuidedTrainer(CamTrainer):
+    """CLIMS: L = w_otm L_OTM + w_btm L_BTM + w_cbs L_CBS + w_reg L_REG on sigmoid class maps."""
+
+    def __init__(self, cfg: CamTrainConfig):
+        super().__init__(cfg)
+        if cfg.guidance is None:
+            raise ConfigError(f"method {cfg.method}: needs the `guidance` section (CLIP, weights)")
+        self.guide = cfg.guidance
+        if self.guide.init_from:
+            self.net.load_state_dict(_baseline_weights(self.guide.init_from))
+        self.clip, self.tokenizer = ClipSpec(self.guide.clip_model, self.guide.clip_pretrained).load()
+        self.clip_size = clip_input_size(self.clip)
+        words = self.guide.class_words or self.dataset.class_names
+        if len(words) != self.dataset.num_classes:
+            raise ConfigError(f"class_words: got {len(words)} words | expected {self.dataset.num_classes} "
+                              f"({', '.join(self.dataset.class_names)})")
+        self.class_text = encode_prompts(self.clip, self.tokenizer, [CLASS_TEMPLATE.format(w) for w in words])
+        self.background_text = encode_prompts(self.clip, self.tokenizer,
+                                              [CLASS_TEMPLATE.format(w) for w in self.guide.background_words])
+        self.cbs_threshold = self.guide.cbs_threshold
+        if self.cbs_threshold is None:
+            self.cbs_threshold = self._calibrate_cbs_threshold()
+
+    # -- shared pieces
+    def class_maps(self, cams: torch.Tensor) -> torch.Tensor:
+        """CLIMS's class maps: sigmoid of the CAMs."""
+        return torch.sigmoid(cams)
+
+    def masked_views(self, images01: torch.Tensor, maps: torch.Tensor, labels: torch.Tensor):
+        """fg_k and bg_k for every (image, present class): ``N x 3 x S x S`` each, plus the indices."""
+        x = clip_normalize(images01, self.clip_size)
+        maps = F.interpolate(maps, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        b_idx, k_idx = torch.nonzero(labels > 0, as_tuple=True)
+        p = maps[b_idx, k_idx][:, None]
+        return p * x[b_idx], (1 - p) * x[b_idx], b_idx, k_idx
+
+    def encode_images(self, views: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.clip.encode_image(views), dim=-1)
+
+    def text_for(self, b_idx: torch.Tensor, k_idx: torch.Tensor) -> torch.Tensor:
+        return self.class_text[k_idx]
+
+    @torch.no_grad()
+    def _calibrate_cbs_threshold(self, max_images: int = 256) -> float:
+        images = np.stack([self.dataset[i].load_image() for i in range(min(len(self.dataset), max_images))])
+        x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
+        sims = self.encode_images(clip_normalize(x, self.clip_size)) @ self.background_text.T
+        return float(torch.quantile(sims.flatten(), self.guide.cbs_quantile))
+
+    # -- the loss
+    def method_loss(self, images01, cams, labels, rows):
+        maps = self.class_maps(cams)
+        fg, bg, b_idx, k_idx = self.masked_views(images01, maps, labels)
+        feats = self.encode_images(torch.cat([fg, bg]))
+        fg_f, bg_f = feats[: len(fg)], feats[len(fg):]
+        text = self.text_for(b_idx, k_idx)
+        g = self.guide
+        terms = {
+            "otm": g.w_otm * losses.object_text_matching(fg_f, text),
+            "btm": g.w_btm * losses.background_text_matching(bg_f, text),
+        }
+        if g.w_cbs:
+            terms["cbs"] = g.w_cbs * losses.class_background_suppression(fg_f, self.background_text,
+                                                                         self.cbs_threshold)
+        if g.w_reg:
+            terms["reg"] = g.w_reg * losses.area_regularisation(maps)
+        return terms
+
+    def run_facts(self) -> dict:
+        return {"cbs_threshold": self.cbs_threshold,
+                "cbs_threshold_source": "fixed" if self.guide.cbs_threshold is not None
+                else f"quantile {self.guide.cbs_quantile} of image/background similarities",
+                "background_words": list(self.guide.background_words)}
+
+
+# ----------------------------------------------------------------------------- POLE
+
+
+def load_candidates(cfg: CamTrainConfig, class_names: tuple[str, ...]) -> dict[str, list[str]]:
+    """Candidate names per class (canonical first): a user JSON file or the world's classes.json."""
+    path = Path(cfg.guidance.candidates) if cfg.guidance.candidates else Path(cfg.data) / "classes.json"
+    data = read_json(path)
+    table = data.get("synonyms", data) if not cfg.guidance.candidates else data
+    missing = [c for c in class_names if c not in table]
+    if missing:
+        raise ConfigError(f"{path}: no candidate names for classes {missing}")
+    return {c: [str(n) for n in table[c]] for c in class_names}
+
+
+class PoleTrainer(ClipGuidedTrainer):
+    """POLE: CLIMS with the per-image chosen class name and CLIP-Adapters on both embeddings."""
+
+    def __init__(self, cfg: CamTrainConfig):
+        super().__init__(cfg)
+        self.choices_path = self.out / "prompt_choices.json"
+        dim = self.class_text.shape[1]
+        self.image_adaptor, self.text_adaptor = ClipAdapter(dim), ClipAdapter(dim)
+        self.candidates = load_candidates(cfg, self.dataset.class_names)
+        if self.choices_path.exists():
+            self.choices = read_json(self.choices_path)["choices"]
+        else:
+            self.choices = select_prompts(self.net, self.clip, self.tokenizer, self.dataset, self.candidates)
+            write_json_atomic(self.choices_path, {"candidates": self.candidates, "choices": self.choices})
+        names = sorted({n for names in self.candidates.values() for n in names})
+        self.name_index = {n: i for i, n in enumerate(names)}
+        self.name_text = encode_prompts(self.clip, self.tokenizer, [CLASS_TEMPLATE.format(n) for n in names])
+        ids = self.dataset.ids
+        table = torch.zeros(len(ids), self.dataset.num_classes, dtype=torch.long)
+        for row, image_id in enumerate(ids):
+            for k, cls in enumerate(self.dataset.class_names):
+                table[row, k] = self.name_index[self.choices.get(image_id, {}).get(cls, self.candidates[cls][0])]
+        self.choice_table = table
+
+    def extra_parameters(self) -> list[dict]:
+        lr = self.cfg.lr * self.guide.adaptor_lr_mult
+        return [{"params": list(self.image_adaptor.parameters()) + list(self.text_adaptor.parameters()),
+                 "lr": lr, "base_lr": lr}]
+
+    def extra_state(self) -> dict:
+        return {"image_adaptor": self.image_adaptor.state_dict(), "text_adaptor": self.text_adaptor.state_dict()}
+
+    def load_extra_state(self, state: dict) -> None:
+        if state:
+            self.image_adaptor.load_state_dict(state["image_adaptor"])
+            self.text_adaptor.load_state_dict(state["text_adaptor"])
+
+    def method_loss(self, images01, cams, labels, rows):
+        maps = self.class_maps(cams)
+        fg, bg, b_idx, k_idx = self.masked_views(images01, maps, labels)
+        feats = self.encode_images(torch.cat([fg, bg]))
+        fg_raw, bg_f = feats[: len(fg)], feats[len(fg):]
+        text = self.text_adaptor(self.name_text[self.choice_table[rows[b_idx], k_idx]])
+        fg_f = self.image_adaptor(fg_raw)
+        bg_f = self.image_adaptor(bg_f)
+        g = self.guide
+        terms = {
+            "otm": g.w_otm * losses.object_text_matching(fg_f, text),
+            "btm": g.w_btm * losses.background_text_matching(bg_f, text),
+        }
+        if g.w_cbs:  # adaptors are not used in L_CBS
+            terms["cbs"] = g.w_cbs * losses.class_background_suppression(fg_raw, self.background_text,
+                                                                         self.cbs_threshold)
+        return terms
+
+    def run_facts(self) -> dict:
+        total = changed = 0
+        for per_image in self.choices.values():
+            for cls, name in per_image.items():
+                total += 1
+                changed += name != self.candidates[cls][0]
+        return {**super().run_facts(), "prompt_choices": str(self.choices_path),
+                "prompt_changed_share": changed / max(total, 1)}
+
+
+@torch.no_grad()
+def select_prompts(net: CamNet, clip, tokenizer, dataset, candidates: dict[str, list[str]],
+                   batch_size: int = 64) -> dict[str, dict[str, str]]:
+    """POLE step A: per (image, present class), the candidate name CLIP finds most correlated with
+    the image masked by the class's CAM (RGB x CAM), by softmax(100 * cos) over the candidates."""
+    net.eval()
+    size = clip_input_size(clip)
+    text = {cls: encode_prompts(clip, tokenizer, [CLASS_TEMPLATE.format(n) for n in names])
+            for cls, names in candidates.items()}
+    choices: dict[str, dict[str, str]] = {}
+    samples = list(dataset)
+    for start in range(0, len(samples), batch_size):
+        chunk = samples[start:start + batch_size]
+        images = np.stack([s.load_image() for s in chunk])
+        labels = np.stack([s.labels for s in chunk])
+        cams = torch.from_numpy(infer_cams(net, images, labels, scales=(1.0,)))
+        x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
+        for row, sample in enumerate(chunk):
+            present = np.nonzero(labels[row] > 0)[0]
+            masked = x[row][None] * cams[row, present][:, None]
+            feats = F.normalize(clip.encode_image(clip_normalize(masked, size)), dim=-1)
+            per_image = {}
+            for feat, k in zip(feats, present, strict=True):
+                cls = dataset.class_names[k]
+                probs = (100 * feat @ text[cls].T).softmax(-1)
+                per_image[cls] = candidates[cls][int(probs.argmax())]
+            choices[sample.id] = per_image
+    return choices
+
+
+# ----------------------------------------------------------------------------- SemPLeS
+
+
+def minmax_maps(cams: torch.Tensor, eps: float) -> torch.Tensor:
+    """SemPLeS masks: (x - min) / (max - min + eps) per map."""
+    flat = cams.flatten(2)
+    low = flat.amin(2)[..., None, None]
+    high = flat.amax(2)[..., None, None]
+    return (cams - low) / (high - low + eps)
+
+
+class SemplesSegmentLabelTrainer(ClipGuidedTrainer):
+    """SemPLeS stage (a), segment-label matching: L_OTM + w_btm L_BTM on min-max masks (eps 0.1)."""
+
+    def class_maps(self, cams):
+        return minmax_maps(cams, 0.1)
+
+    def method_loss(self, images01, cams, labels, rows):
+        maps = self.class_maps(cams)
+        fg, bg, b_idx, k_idx = self.masked_views(images01, maps, labels)
+        feats = self.encode_images(torch.cat([fg, bg]))
+        text = self.text_for(b_idx, k_idx)
+        return {"otm": self.guide.w_otm * losses.object_text_matching(feats[: len(fg)], text),
+                "btm": self.guide.w_btm * losses.background_text_matching(feats[len(fg):], text)}
+
+
+class SemplesRefineTrainer(SemplesSegmentLabelTrainer):
+    """SemPLeS stage (c): stage (a)'s losses + w_refine * -mean log(1 - s(fg_k, p_k)), prompts frozen."""
+
+    def __init__(self, cfg: CamTrainConfig):
+        super().__init__(cfg)
+        if not self.guide.prompts_from:
+            raise ConfigError("semples stage c: guidance.prompts_from must name the stage (b) run")
+        state = load_text_features(self.guide.prompts_from)
+        if list(state["class_names"]) != list(self.dataset.class_names):
+            raise PromptsegError(f"{self.guide.prompts_from}: prompts learned for classes {state['class_names']} | "
+                                 f"expected {list(self.dataset.class_names)}")
+        self.prompt_text = state["text_features"]
+
+    def method_loss(self, images01, cams, labels, rows):
+        maps = self.class_maps(cams)
+        fg, bg, b_idx, k_idx = self.masked_views(images01, maps, labels)
+        feats = self.encode_images(torch.cat([fg, bg]))
+        fg_f, bg_f = feats[: len(fg)], feats[len(fg):]
+        text = self.text_for(b_idx, k_idx)
+        g = self.guide
+        return {"otm": g.w_otm * losses.object_text_matching(fg_f, text),
+                "btm": g.w_btm * losses.background_text_matching(bg_f, text),
+                "refine": g.w_refine * losses.prompt_guided_suppression(fg_f, self.prompt_text[k_idx])}
+
+
+TEXT_FEATURES = "text_features.pt"
+
+
+def load_text_features(run: str | Path) -> dict:
+    """The folded prompt features of a stage (b) run: ``{"text_features": C x D, "class_names": [...]}``."""
+    path = Path(run)
+    return load_checkpoint(path / TEXT_FEATURES if path.is_dir() else path)
+
+
+def learn_background_prompts(cfg: CamTrainConfig, *, show_progress: bool = True) -> dict:
+    """SemPLeS stage (b): the CAM network (stage a) frozen, only the prompts learn.
+
+    Loss: -mean log s(bg_k, p_k) + w * mean log s(t_k, p_k) with masks min-max normalised (eps 1e-4).
+    The learned prompts are folded once into constant ``C x D`` text features, ``text_features.pt``.
+    """
+    from torch.utils.data import DataLoader
+    from tqdm import tqdm
+
+    trainer = SemplesSegmentLabelTrainer(cfg)  # loads CLIP, data and the stage-(a) network (init_from)
+    trainer.net.eval().requires_grad_(False)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "config.json", cfg)
+    torch.set_num_threads(cfg.threads)
+    seed_everything(cfg.seed)
+    prompts = BackgroundPrompts(trainer.clip, trainer.tokenizer, trainer.dataset.num_classes,
+                                cfg.guidance.prompt_length)
+    optimizer = torch.optim.AdamW(prompts.parameters(), lr=cfg.guidance.prompt_lr, weight_decay=0.03)
+    loader = DataLoader(CamCrops(trainer.dataset, cfg.crop, cfg.scale_range), batch_size=cfg.batch_size,
+                        shuffle=True, drop_last=len(trainer.dataset) > cfg.batch_size,
+                        generator=torch.Generator().manual_seed(cfg.seed))
+    total = cfg.guidance.prompt_epochs * len(loader)
+    bar = tqdm(total=total, desc="semples prompts", disable=not show_progress)
+    log = []
+    step = 0
+    for _ in range(cfg.guidance.prompt_epochs):
+        for images01, labels, _ in loader:
+            for group in optimizer.param_groups:
+                group["lr"] = cfg.guidance.prompt_lr * 0.5 * (1 + np.cos(np.pi * step / total))
+            with torch.no_grad():
+                maps = minmax_maps(trainer.net(imagenet_normalise(images01)), 1e-4)
+                _, bg, b_idx, k_idx = trainer.masked_views(images01, maps, labels)
+                bg_f = trainer.encode_images(bg)
+            p = prompts(trainer.clip)
+            loss = losses.prompt_contrast(bg_f, p[k_idx], trainer.class_text[k_idx], cfg.guidance.w_prompt_text)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            log.append(loss.item())
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{log[-1]:.3f}")
+    bar.close()
+    with torch.no_grad():
+        features = prompts(trainer.clip)
+    save_checkpoint(out / "prompts.pt", {"embeddings": prompts.embeddings.detach(), "tokens": prompts.tokens})
+    save_checkpoint(out / TEXT_FEATURES, {"text_features": features, "class_names": list(trainer.dataset.class_names)})
+    sims = features @ trainer.class_text.T
+    report = {"method": "semples", "stage": "b", "seed": cfg.seed, "final_loss": float(np.mean(log[-10:])),
+              "prompt_class_similarity": sims.diagonal().tolist(),
+              "text_features": str(out / TEXT_FEATURES)}
+    write_json_atomic(out / "report.json", report)
+    return report
+
+
+TRAINERS = {
+    "clims": ClipGuidedTrainer,
+    "pole": PoleTrainer,
+    "semples_a": SemplesSegmentLabelTrainer,
+    "semples_c": SemplesRefineTrainer,
+}
+
+
+def train_semples(cfg: CamTrainConfig, *, resume: bool = False, show_progress: bool = True) -> dict:
+    """SemPLeS's three stages in ``out/stage_{a,b,c}``; the stage (c) report becomes ``out/report.json``.
+
+    (a) segment-label matching from ``guidance.init_from``; (b) background prompts learned against
+    the frozen stage-(a) network and folded to ``stage_b/text_features.pt``; (c) the CAM network
+    restarted from the same initialisation as (a) and refined with the frozen prompts.
+    """
+    from dataclasses import replace
+
+    from .cam_train import train_cam
+
+    out = Path(cfg.out)
+    stage_a = replace(cfg, method="semples_a", out=str(out / "stage_a"))
+    report_a = train_cam(stage_a, resume=resume, show_progress=show_progress)
+    stage_b = replace(cfg, method="semples_a", out=str(out / "stage_b"),
+                      guidance=replace(cfg.guidance, init_from=str(out / "stage_a")))
+    report_b = learn_background_prompts(stage_b, show_progress=show_progress)
+    stage_c = replace(cfg, method="semples_c", out=str(out / "stage_c"),
+                      guidance=replace(cfg.guidance, prompts_from=str(out / "stage_b")))
+    report_c = train_cam(stage_c, resume=resume, show_progress=show_progress)
+    report = {**report_c, "method": "semples", "stage_a": {k: report_a[k] for k in ("cam_miou", "context_leak")},
+              "prompt_class_similarity": report_b["prompt_class_similarity"],
+              "text_features": report_b["text_features"]}
+    write_json_atomic(out / "config.json", cfg)
+    write_json_atomic(out / "report.json", report)
+    return report
