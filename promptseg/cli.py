@@ -52,19 +52,24 @@ def data() -> None:
 @click.option("--size", default=64, show_default=True, help="Image side in pixels.")
 @click.option("--context-prob", default=0.85, show_default=True,
               help="Probability that a class appears on its own background context.")
-def data_synth(out: Path, seed: int, n_train: int, n_val: int, size: int, context_prob: float) -> None:
+@click.option("--clip-images", default=3000, show_default=True,
+              help="Extra captioned images for CLIP pretraining (weaker co-occurrence, no masks).")
+def data_synth(out: Path, seed: int, n_train: int, n_val: int, size: int, context_prob: float,
+               clip_images: int) -> None:
     """Write the synthetic co-occurrence world to OUT in PASCAL VOC 2012 layout.
 
     Six classes (boat, train, cow, plane, car, bird), each mostly seen on its own context
     (water, railway, grass, sky, road, tree) and drawn in two variants whose captions use a
     synonym. Besides the VOC files it writes ContextMasks/ (to measure CAM leak onto contexts),
-    classes.json (names, synonyms, contexts) and captions.jsonl (for CLIP pretraining).
+    classes.json (names, synonyms, contexts) and captions.jsonl (for CLIP pretraining, including the
+    `clip` split: scenes of the same world with weak class-context co-occurrence, as web data has).
     """
     from .data.synth import SynthConfig, write_world
 
-    cfg = SynthConfig(seed=seed, train=n_train, val=n_val, size=size, context_prob=context_prob)
+    cfg = SynthConfig(seed=seed, train=n_train, val=n_val, size=size, context_prob=context_prob,
+                      clip_images=clip_images)
     cfg.validate()
-    with click.progressbar(length=n_train + n_val, label="synth world") as bar:
+    with click.progressbar(length=n_train + n_val + clip_images, label="synth world") as bar:
         write_world(out, cfg, progress=bar.update)
     click.echo(f"wrote {n_train} train + {n_val} val images to {out}")
 
@@ -159,6 +164,73 @@ def train_cam_cmd(method, data_dir, out, config_file, clip_pretrained, clip_mode
     click.echo(f"{cfg.method}: CAM mIoU {report['cam_miou']:.1f} (threshold {report['background_threshold']}, "
                f"{report['background_threshold_source']}), context leak {report['context_leak']}, "
                f"oracle mIoU {report['oracle_cam_miou']:.1f}  ({cfg.out}/report.json)")
+
+
+@train.command("seg")
+@click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False))
+@click.option("--masks", type=click.Path(exists=True, file_okay=False),
+              help="Pseudo-mask folder from `promptseg pseudo-masks`; omit to train on ground truth (reference).")
+@click.option("--arch", type=click.Choice(["lraspp_mobilenet_v3_large", "deeplabv3_mobilenet_v3_large"]),
+              default="lraspp_mobilenet_v3_large", show_default=True)
+@click.option("--input-size", default=128, show_default=True, help="Side the network runs at.")
+@click.option("--epochs", default=12, show_default=True)
+@click.option("--batch-size", default=32, show_default=True)
+@click.option("--lr", default=2e-3, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--threads", default=2, show_default=True)
+@click.option("--resume", is_flag=True)
+def train_seg_cmd(data_dir, out, masks, arch, input_size, epochs, batch_size, lr, seed, threads, resume) -> None:
+    """Train the edge segmenter (MobileNetV3 LR-ASPP or DeepLabV3) and score it on val."""
+    from .train.seg import SegTrainConfig, train_segmenter
+
+    cfg = SegTrainConfig(data=data_dir, out=out, masks=masks, arch=arch, input_size=input_size, epochs=epochs,
+                         batch_size=batch_size, lr=lr, seed=seed, threads=threads)
+    report = train_segmenter(cfg, resume=resume)
+    click.echo(f"segmenter val mIoU {report['seg_val_miou']:.1f}  ({out}/report.json)")
+
+
+@main.command("pseudo-masks")
+@click.argument("cam_run", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False))
+@click.option("--split", default="train", show_default=True)
+@click.option("--low", type=float, help="Background below this CAM value [default: the run's val-chosen threshold].")
+@click.option("--high", type=float, help="Foreground from this value; between low and high is 255 (ignored).")
+@click.option("--crf", is_flag=True, help="Dense-CRF refinement (needs pydensecrf).")
+@click.option("--scales", default="1.0,0.5,1.5,2.0", show_default=True, help="CAM inference scales.")
+def pseudo_masks_cmd(cam_run, out, split, low, high, crf, scales) -> None:
+    """Turn a CAM run's multi-scale CAMs into pseudo-mask PNGs (VOC palette) and score them."""
+    from .train.pseudo import PseudoMaskConfig, make_pseudo_masks
+
+    cfg = PseudoMaskConfig(cam_run=cam_run, out=out, split=split, low=low, high=high, crf=crf,
+                           cam_scales=_scales(scales))
+    report = make_pseudo_masks(cfg)
+    miou = report["pseudo_mask_miou"]
+    click.echo(f"wrote {report['images']} masks to {out}" + (f"; pseudo-mask mIoU {miou:.1f}" if miou is not None
+                                                             else ""))
+
+
+@main.command("cams")
+@click.argument("cam_run", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False))
+@click.option("--split", default="train", show_default=True)
+@click.option("--scales", default="1.0,0.5,1.5,2.0", show_default=True)
+def cams_cmd(cam_run, out, split, scales) -> None:
+    """Multi-scale, flipped CAM inference: OUT/<id>.npy (C x H x W float16, 0..1, zero for absent classes)."""
+    from .train.pseudo import save_cams
+
+    count = save_cams(cam_run, out, split, _scales(scales))
+    click.echo(f"wrote CAMs of {count} images to {out}")
+
+
+def _scales(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise click.BadParameter(f"got {text!r} | expected comma-separated numbers like 1.0,0.5") from None
+    if not values or min(values) <= 0:
+        raise click.BadParameter(f"got {text!r} | expected positive scales")
+    return values
 
 
 # ----------------------------------------------------------------------------- demo

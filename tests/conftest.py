@@ -11,7 +11,7 @@ from promptseg.data.synth import SynthConfig, write_world
 def tiny_world(tmp_path_factory) -> Path:
     """A small synthetic world shared by the tests that only read it."""
     root = tmp_path_factory.mktemp("world")
-    write_world(root, SynthConfig(seed=3, train=96, val=32))
+    write_world(root, SynthConfig(seed=3, train=96, val=32, clip_images=64))
     return root
 
 

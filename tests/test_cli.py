@@ -17,10 +17,10 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_help_lists_the_stages_that_exist():
     result = CliRunner().invoke(main, ["--help"])
     assert result.exit_code == 0
-    for command in ("data", "train", "demo"):
+    for command in ("data", "train", "demo", "cams", "pseudo-masks"):
         assert re.search(rf"^\s+{command}\s", result.output, re.M), command
     train_help = CliRunner().invoke(main, ["train", "--help"]).output
-    assert "clip" in train_help
+    assert all(name in train_help for name in ("clip", "cam", "seg"))
 
 
 def test_data_synth_writes_a_readable_world(tmp_path):
@@ -39,7 +39,7 @@ def test_bad_input_is_a_clean_error_not_a_traceback(tmp_path):
                              "--out", str(tmp_path / "run")], capture_output=True, text=True)
     assert result.returncode == 1
     assert result.stderr.startswith("Error: ") and "Traceback" not in result.stderr
-    assert "train" in result.stderr  # names the missing split
+    assert "split 'val' not found" in result.stderr  # names the missing split file
 
 
 def test_readme_test_command_is_what_ci_runs():
@@ -48,3 +48,17 @@ def test_readme_test_command_is_what_ci_runs():
     command = re.search(r"```(?:bash|sh)?\n(.*?)```", tests_section, re.S).group(1).strip()
     ci = (ROOT / ".ci" / "run").read_text()
     assert command in ci
+
+
+def test_cams_and_pseudo_masks_commands(baseline_run, tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(main, ["cams", str(baseline_run), "--out", str(tmp_path / "cams"), "--scales", "1.0"])
+    assert result.exit_code == 0, result.output
+    files = sorted((tmp_path / "cams").glob("*.npy"))
+    assert len(files) == 96
+    cams = np.load(files[0])
+    assert cams.shape == (6, 64, 64) and cams.dtype == np.float16 and float(cams.max()) <= 1.0
+    result = runner.invoke(main, ["pseudo-masks", str(baseline_run), "--out", str(tmp_path / "pm"), "--scales", "1"])
+    assert result.exit_code == 0 and "pseudo-mask mIoU" in result.output
+    result = runner.invoke(main, ["cams", str(baseline_run), "--out", str(tmp_path / "x"), "--scales", "a,b"])
+    assert result.exit_code == 2 and "comma-separated" in result.output

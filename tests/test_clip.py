@@ -8,7 +8,14 @@ import torch
 
 import promptseg.train.clip as clip_mod
 from promptseg.errors import ConfigError, DataError, PromptsegError
-from promptseg.train.clip import TINY_CLIP, ClipSpec, ClipTrainConfig, read_captions, train_clip
+from promptseg.train.clip import (
+    TINY_CLIP,
+    ClipSpec,
+    ClipTrainConfig,
+    pretraining_corpus,
+    read_captions,
+    train_clip,
+)
 
 
 def _cfg(world, out, **kw):
@@ -83,7 +90,12 @@ def test_resume_refuses_a_different_config(tiny_world, tmp_path):
 def test_bad_captions_are_named(tmp_path):
     (tmp_path / "captions.jsonl").write_text('{"id": "a", "captions": ["x"]}\nnot json\n')
     with pytest.raises(DataError, match=r"captions.jsonl:2"):
-        read_captions(tmp_path, ["a"])
-    (tmp_path / "captions.jsonl").write_text('{"id": "a", "captions": ["x"]}\n')
-    with pytest.raises(DataError, match="no captions for 1"):
-        read_captions(tmp_path, ["a", "b"])
+        read_captions(tmp_path)
+    (tmp_path / "captions.jsonl").write_text('{"id": "a", "captions": []}\n')
+    with pytest.raises(DataError, match="a has no captions"):
+        read_captions(tmp_path)
+
+
+def test_corpus_is_the_clip_split_when_present(tiny_world):
+    corpus = pretraining_corpus(tiny_world)
+    assert corpus and all(r.split == "clip" and r.id.startswith("web_") for r in corpus)

@@ -40,7 +40,7 @@ def test_prompts_learn_only_their_embeddings(tiny_clip):
     prompts(model).sum().backward()
     assert prompts.embeddings.grad is not None and prompts.embeddings.grad.abs().sum() > 0
     assert all(p.grad is None for p in model.parameters())
-    with pytest.raises(ValueError, match="does not fit"):
+    with pytest.raises(ConfigError, match="prompt_length"):
         BackgroundPrompts(model, tokenizer, num_classes=1, length=40)
 
 

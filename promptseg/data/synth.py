@@ -66,6 +66,10 @@ class SynthConfig:
     canonical_caption_prob: float = 0.15  # P(synonym variant is still captioned by the canonical name)
     max_objects: int = 3
     jpeg_quality: int = 95
+    # CLIP's pretraining corpus stands in for web-scale data: scenes of the same world whose class
+    # and context co-occur far less than in the dataset (a dataset bias, not a fact of the world).
+    clip_images: int = 3000
+    web_context_prob: float = 0.3
 
     def validate(self) -> None:
         if self.size < 32:
@@ -74,7 +78,9 @@ class SynthConfig:
             raise ConfigError(f"train/val: got {self.train}/{self.val} | expected >= 1 image each")
         if not 1 <= self.max_objects <= len(WORLD_CLASSES):
             raise ConfigError(f"max_objects: got {self.max_objects} | expected 1..{len(WORLD_CLASSES)}")
-        for name in ("context_prob", "synonym_variant_prob", "canonical_caption_prob"):
+        if self.clip_images < 0:
+            raise ConfigError(f"clip_images: got {self.clip_images} | expected >= 0")
+        for name in ("context_prob", "synonym_variant_prob", "canonical_caption_prob", "web_context_prob"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ConfigError(f"{name}: got {value} | expected a probability in [0, 1]")
@@ -319,7 +325,22 @@ def _border(mask_ids: Array) -> Array:
     return differs & fg
 
 
-def generate_image(rng: np.random.Generator, cfg: SynthConfig) -> SynthImage:
+def _pick_context(rng: np.random.Generator, k: int, cfg: SynthConfig, web: bool) -> str | None:
+    """The dataset draws a class's own context with ``context_prob``; the CLIP corpus ("web")
+    draws it with ``web_context_prob`` and otherwise another class's context half of the time."""
+    own = WORLD_CLASSES[k].context
+    if not web:
+        return own if rng.random() < cfg.context_prob else None
+    if rng.random() < cfg.web_context_prob:
+        return own
+    if rng.random() < 0.5:
+        others = [c.context for c in WORLD_CLASSES if c.context != own]
+        return others[int(rng.integers(0, len(others)))]
+    return None
+
+
+def generate_image(rng: np.random.Generator, cfg: SynthConfig, web: bool = False) -> SynthImage:
+    """One scene; ``web=True`` draws it for the CLIP pretraining corpus (weaker co-occurrence)."""
     size = cfg.size
     n_obj = int(rng.choice(np.arange(1, cfg.max_objects + 1), p=_object_count_probs(cfg.max_objects)))
     class_idx = sorted(rng.choice(len(WORLD_CLASSES), size=n_obj, replace=False).tolist())
@@ -332,17 +353,17 @@ def generate_image(rng: np.random.Generator, cfg: SynthConfig) -> SynthImage:
 
     canvas = np.zeros((size, size, 3), dtype=np.uint8)
     context = np.zeros((size, size), dtype=np.uint8)
-    drawn_ctx: list[bool] = []
+    drawn_ctx: list[str | None] = []  # the context painted in each column, if any
     for col, k in enumerate(order):
         x0, x1 = bounds[col], bounds[col + 1]
-        wc = WORLD_CLASSES[k]
-        if rng.random() < cfg.context_prob:
-            canvas[:, x0:x1] = CONTEXT_TEXTURES[wc.context](rng, size, x1 - x0)
-            context[:, x0:x1] = k + 1
-            drawn_ctx.append(True)
-        else:
+        name = _pick_context(rng, k, cfg, web)
+        if name is None:
             canvas[:, x0:x1] = _neutral(rng, size, x1 - x0)
-            drawn_ctx.append(False)
+        else:
+            canvas[:, x0:x1] = CONTEXT_TEXTURES[name](rng, size, x1 - x0)
+            if name == WORLD_CLASSES[k].context:
+                context[:, x0:x1] = k + 1
+        drawn_ctx.append(name)
 
     rgb = Image.fromarray(canvas)
     ids = Image.new("L", (size, size), 0)
@@ -362,9 +383,9 @@ def generate_image(rng: np.random.Generator, cfg: SynthConfig) -> SynthImage:
         if variant == 1 and rng.random() < cfg.canonical_caption_prob:
             word = wc.name
         words.append(word)
-        ctx_words.append(wc.context if drawn_ctx[col] else None)
+        ctx_words.append(drawn_ctx[col])
         objects.append({"class": wc.name, "variant": wc.variants[variant], "box": list(box),
-                        "context_drawn": drawn_ctx[col]})
+                        "context_drawn": drawn_ctx[col] == wc.context, "context": drawn_ctx[col]})
 
     regions = []
     for col in range(len(order)):
@@ -432,18 +453,22 @@ def write_world(out: str | Path, cfg: SynthConfig, progress: Callable[[int], Non
             image_id = f"synth_{index:06d}"
             index += 1
             sample = generate_image(rng, cfg)
-            buf = io.BytesIO()
-            Image.fromarray(sample.image).save(buf, format="JPEG", quality=cfg.jpeg_quality)
-            write_bytes_atomic(out / "JPEGImages" / f"{image_id}.jpg", buf.getvalue())
+            _save_jpeg(out / "JPEGImages" / f"{image_id}.jpg", sample.image, cfg.jpeg_quality)
             _save_png(out / "SegmentationClass" / f"{image_id}.png", mask_to_png_image(sample.mask))
             _save_png(out / "ContextMasks" / f"{image_id}.png", Image.fromarray(sample.context, mode="L"))
             labels[image_id] = sample.labels
-            captions.append(json.dumps({"id": image_id, "split": split, "captions": list(sample.captions),
-                                       "regions": list(sample.regions)}))
+            captions.append(_caption_row(image_id, split, sample))
             objects.append(json.dumps({"id": image_id, "objects": list(sample.objects)}))
             splits[split].append(image_id)
             if progress is not None:
                 progress(1)
+    for i in range(cfg.clip_images):  # CLIP corpus: images and captions only, in no segmentation list
+        image_id = f"web_{i:06d}"
+        sample = generate_image(rng, cfg, web=True)
+        _save_jpeg(out / "JPEGImages" / f"{image_id}.jpg", sample.image, cfg.jpeg_quality)
+        captions.append(_caption_row(image_id, "clip", sample))
+        if progress is not None:
+            progress(1)
     for split, ids in splits.items():
         write_text_atomic(out / "ImageSets" / "Segmentation" / f"{split}.txt", "\n".join(ids) + "\n")
     save_cls_labels(out / "cls_labels.npy", labels)
@@ -451,6 +476,17 @@ def write_world(out: str | Path, cfg: SynthConfig, progress: Callable[[int], Non
     write_text_atomic(out / "objects.jsonl", "\n".join(objects) + "\n")
     write_json_atomic(out / "classes.json", classes_json(cfg))
     return out
+
+
+def _caption_row(image_id: str, split: str, sample: SynthImage) -> str:
+    return json.dumps({"id": image_id, "split": split, "captions": list(sample.captions),
+                       "regions": list(sample.regions)})
+
+
+def _save_jpeg(path: Path, image: np.ndarray, quality: int) -> None:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="JPEG", quality=quality)
+    write_bytes_atomic(path, buf.getvalue())
 
 
 def _save_png(path: Path, img: Image.Image) -> None:

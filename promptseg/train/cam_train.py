@@ -22,7 +22,14 @@ from ..data.voc import VOCDataset
 from ..errors import PromptsegError
 from ..io import write_json_atomic
 from .cam_net import CamNet
-from .cams import CLIMS_BACKGROUND_THRESHOLD, IMAGENET_MEAN, imagenet_normalise, infer_cams, score_cams
+from .cams import (
+    CLIMS_BACKGROUND_THRESHOLD,
+    IMAGENET_MEAN,
+    cams_to_mask,
+    imagenet_normalise,
+    infer_cams,
+    score_cams,
+)
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import CamTrainConfig
 
@@ -168,11 +175,21 @@ class CamTrainer:
                                                    "class_names": list(self.dataset.class_names)})
         report = {"method": cfg.method, "seed": cfg.seed, "train_seconds_this_session": round(train_seconds, 1),
                   **self.run_facts(), **self.evaluate(show_progress=show_progress)}
+        self.save_pictures(report["background_threshold"])
         write_json_atomic(self.out / "report.json", report)
         return report
 
     def extra_state(self) -> dict:
         return {}
+
+    def save_pictures(self, threshold: float, count: int = 8) -> None:
+        """``cams.png``: image | ground truth | CAM heatmap | pseudo-mask, for the first images."""
+        from ..io import atomic_write
+        from ..visualize import gallery
+
+        samples = [self.dataset[i] for i in range(min(count, len(self.dataset)))]
+        picture = gallery(_pictures(self.net.eval(), samples, threshold, self.cfg.cam_scales))
+        atomic_write(self.out / "cams.png", lambda tmp: picture.save(tmp, format="PNG"))
 
     def load_extra_state(self, state: dict) -> None:
         """Restore method-specific state saved by :meth:`extra_state`."""
@@ -190,7 +207,7 @@ class CamTrainer:
         scales = self.cfg.cam_scales
 
         def items(dataset, desc):
-            for chunk in tqdm(_same_size_chunks(dataset, batch_size), desc=desc, disable=not show_progress):
+            for chunk in tqdm(same_size_chunks(dataset, batch_size), desc=desc, disable=not show_progress):
                 images = np.stack([s.load_image() for s in chunk])
                 cams = infer_cams(self.net, images, np.stack([s.labels for s in chunk]), scales)
                 for sample, sample_cams in zip(chunk, cams, strict=True):
@@ -212,7 +229,22 @@ class CamTrainer:
         return report
 
 
-def _same_size_chunks(dataset: VOCDataset, batch_size: int):
+def _pictures(net, samples, threshold: float, scales) -> list[list[np.ndarray]]:
+    """One row per image: image, ground truth, CAM heatmap (max over its classes), pseudo-mask."""
+    from ..visualize import blend, heatmap, overlay_mask
+
+    images = np.stack([s.load_image() for s in samples])
+    cams = infer_cams(net, images, np.stack([s.labels for s in samples]), scales)
+    rows = []
+    for image, sample, sample_cams in zip(images, samples, cams, strict=True):
+        gt = sample.load_mask()
+        rows.append([image, overlay_mask(image, np.where(gt == 255, 0, gt)),
+                     blend(image, heatmap(sample_cams.max(0)), 0.6),
+                     overlay_mask(image, cams_to_mask(sample_cams, threshold))])
+    return rows
+
+
+def same_size_chunks(dataset: VOCDataset, batch_size: int):
     """Consecutive samples grouped while their image sizes agree (real datasets vary; worlds do not)."""
     from PIL import Image
 

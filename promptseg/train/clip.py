@@ -20,6 +20,7 @@ import open_clip
 import torch
 import torch.nn.functional as F
 
+from ..data.images import load_rgb
 from ..data.voc import VOCDataset
 from ..errors import ConfigError, DataError, PromptsegError
 from ..eval import average_precision
@@ -152,30 +153,47 @@ class ClipTrainConfig:
 class CaptionedImage:
     """One image's captions and its optional region captions (box ``[x0, y0, x1, y1)``, captions)."""
 
+    id: str
+    split: str | None
     captions: list[str]
     regions: list[tuple[tuple[int, int, int, int], list[str]]]
 
 
-def read_captions(root: Path, ids: list[str]) -> list[CaptionedImage]:
-    """Read ``captions.jsonl``: one JSON line per image, ``{"id", "captions", "regions"?}``."""
+def read_captions(root: Path) -> list[CaptionedImage]:
+    """Read ``captions.jsonl``: one JSON line per image, ``{"id", "split"?, "captions", "regions"?}``."""
     path = root / "captions.jsonl"
     if not path.is_file():
         raise DataError(f"{path}: not found; CLIP pretraining needs one JSON line per image "
                         '({"id": ..., "captions": [...]})')
-    by_id: dict[str, CaptionedImage] = {}
+    rows = []
     for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
             regions = [(tuple(int(v) for v in r["box"]), list(r["captions"])) for r in row.get("regions", [])]
-            by_id[row["id"]] = CaptionedImage(list(row["captions"]), regions)
+            rows.append(CaptionedImage(str(row["id"]), row.get("split"), list(row["captions"]), regions))
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             raise DataError(f"{path}:{line_no}: bad caption line ({exc})") from None
-    missing = [i for i in ids if i not in by_id or not by_id[i].captions]
-    if missing:
-        raise DataError(f"{path}: no captions for {len(missing)} training images, e.g. {missing[:3]}")
-    return [by_id[i] for i in ids]
+        if not rows[-1].captions:
+            raise DataError(f"{path}:{line_no}: image {rows[-1].id} has no captions")
+    return rows
+
+
+def pretraining_corpus(root: Path) -> list[CaptionedImage]:
+    """The rows CLIP pretrains on: the ``clip`` split (the world's stand-in for web data) when the
+    file has one, else the captions of the ``train`` split's images."""
+    rows = read_captions(root)
+    corpus = [r for r in rows if r.split == "clip"]
+    if corpus:
+        return corpus
+    train_ids = set(VOCDataset(root, "train").ids)
+    corpus = [r for r in rows if r.id in train_ids]
+    if len(corpus) < len(train_ids):
+        missing = sorted(train_ids - {r.id for r in corpus})
+        raise DataError(f"{root / 'captions.jsonl'}: no captions for {len(missing)} training images, "
+                        f"e.g. {missing[:3]}")
+    return corpus
 
 
 def _pretraining_pairs(images: list[np.ndarray], captions: list[CaptionedImage], size: int):
@@ -217,14 +235,14 @@ def train_clip(cfg: ClipTrainConfig, *, resume: bool = False, show_progress: boo
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     root = Path(cfg.data)
-    train_set = VOCDataset(root, "train")
     val_set = VOCDataset(root, "val")
-    captions = read_captions(root, train_set.ids)
+    captions = pretraining_corpus(root)
 
     model = open_clip.create_model(cfg.model)
     tokenizer = open_clip.get_tokenizer(cfg.model)
     size = clip_input_size(model)
-    pairs, texts = _pretraining_pairs([s.load_image() for s in train_set], captions, size)
+    images_u8 = [load_rgb(root / "JPEGImages" / f"{item.id}.jpg") for item in captions]
+    pairs, texts = _pretraining_pairs(images_u8, captions, size)
     images = torch.from_numpy(pairs).permute(0, 3, 1, 2)
     is_whole = torch.tensor([i == 0 for item in captions for i in range(1 + len(item.regions))])
     whole_idx, region_idx = torch.nonzero(is_whole).squeeze(1), torch.nonzero(~is_whole).squeeze(1)
@@ -290,6 +308,7 @@ def train_clip(cfg: ClipTrainConfig, *, resume: bool = False, show_progress: boo
         "model": cfg.model,
         "seed": cfg.seed,
         "steps": cfg.steps,
+        "pretraining_images": len(captions),
         "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
         "train_seconds_this_session": round(train_seconds, 1),
         "final_loss": float(np.mean(losses[-20:])) if losses else None,

@@ -22,6 +22,8 @@ class ClipGuidance:
     clip_pretrained: str | None = None
     init_from: str | None = None  # baseline run directory or cam_net.pt to start the CAM network from
     class_words: tuple[str, ...] | None = None  # prompt words per class; None = the class names
+    class_template: str = "a photo of {}."  # the references' wording; a tiny CLIP wants its captions' style
+    background_template: str = "a photo of {}."
     w_otm: float = 10.0
     w_btm: float = 24.0
     w_cbs: float = 1.0

@@ -48,14 +48,16 @@ class ClipGuidedTrainer(CamTrainer):
         if len(words) != self.dataset.num_classes:
             raise ConfigError(f"class_words: got {len(words)} words | expected {self.dataset.num_classes} "
                               f"({', '.join(self.dataset.class_names)})")
-        self.class_text = encode_prompts(self.clip, self.tokenizer, [CLASS_TEMPLATE.format(w) for w in words])
-        self.background_text = encode_prompts(self.clip, self.tokenizer,
-                                              [CLASS_TEMPLATE.format(w) for w in self.guide.background_words])
+        self.class_text = self.prompt_features(self.guide.class_template, words)
+        self.background_text = self.prompt_features(self.guide.background_template, self.guide.background_words)
         self.cbs_threshold = self.guide.cbs_threshold
         if self.cbs_threshold is None:
             self.cbs_threshold = self._calibrate_cbs_threshold()
 
     # -- shared pieces
+    def prompt_features(self, template: str, words) -> torch.Tensor:
+        return encode_prompts(self.clip, self.tokenizer, [template.format(w) for w in words])
+
     def class_maps(self, cams: torch.Tensor) -> torch.Tensor:
         """CLIMS's class maps: sigmoid of the CAMs."""
         return torch.sigmoid(cams)
@@ -133,11 +135,12 @@ class PoleTrainer(ClipGuidedTrainer):
         if self.choices_path.exists():
             self.choices = read_json(self.choices_path)["choices"]
         else:
-            self.choices = select_prompts(self.net, self.clip, self.tokenizer, self.dataset, self.candidates)
+            self.choices = select_prompts(self.net, self.clip, self.tokenizer, self.dataset, self.candidates,
+                                          self.guide.class_template)
             write_json_atomic(self.choices_path, {"candidates": self.candidates, "choices": self.choices})
         names = sorted({n for names in self.candidates.values() for n in names})
         self.name_index = {n: i for i, n in enumerate(names)}
-        self.name_text = encode_prompts(self.clip, self.tokenizer, [CLASS_TEMPLATE.format(n) for n in names])
+        self.name_text = self.prompt_features(self.guide.class_template, names)
         ids = self.dataset.ids
         table = torch.zeros(len(ids), self.dataset.num_classes, dtype=torch.long)
         for row, image_id in enumerate(ids):
@@ -188,12 +191,12 @@ class PoleTrainer(ClipGuidedTrainer):
 
 @torch.no_grad()
 def select_prompts(net: CamNet, clip, tokenizer, dataset, candidates: dict[str, list[str]],
-                   batch_size: int = 64) -> dict[str, dict[str, str]]:
+                   template: str = CLASS_TEMPLATE, batch_size: int = 64) -> dict[str, dict[str, str]]:
     """POLE step A: per (image, present class), the candidate name CLIP finds most correlated with
     the image masked by the class's CAM (RGB x CAM), by softmax(100 * cos) over the candidates."""
     net.eval()
     size = clip_input_size(clip)
-    text = {cls: encode_prompts(clip, tokenizer, [CLASS_TEMPLATE.format(n) for n in names])
+    text = {cls: encode_prompts(clip, tokenizer, [template.format(n) for n in names])
             for cls, names in candidates.items()}
     choices: dict[str, dict[str, str]] = {}
     samples = list(dataset)

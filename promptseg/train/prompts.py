@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import ConfigError
+
 PROMPT_PREFIX = "a photo of"
 CLASS_TEMPLATE = "a photo of {}."
 
@@ -41,7 +43,8 @@ class BackgroundPrompts(nn.Module):
         width = model.token_embedding.weight.shape[1]
         context = model.positional_embedding.shape[0]
         if 5 + length >= context:
-            raise ValueError(f"prompt length {length} does not fit CLIP's context of {context} tokens")
+            raise ConfigError(f"prompt_length: got {length} | expected at most {context - 6} "
+                              f"(CLIP's context holds {context} tokens)")
         self.embeddings = nn.Parameter(torch.rand(num_classes, length, width))
         # "a photo of" + L placeholders + "." ; the placeholders' ids never reach the tower
         template = " ".join([PROMPT_PREFIX] + ["x"] * length) + "."

@@ -1,0 +1,147 @@
+"""From a trained CAM run to pseudo-masks on disk (VOC palette PNGs) and their scores.
+
+A pseudo-mask pixel is background where the strongest class map is below ``low``, the argmax
+class where it reaches ``high``, and 255 (ignored by the segmenter's loss) in between. With
+``low == high`` every pixel gets a label. Optional dense-CRF refinement uses ``pydensecrf``
+when it is installed (CLIMS's settings); promptseg never pretends it ran when it did not.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..data.images import mask_to_png_image
+from ..data.palette import IGNORE_INDEX
+from ..data.voc import VOCDataset
+from ..errors import ConfigError, PromptsegError
+from ..eval import ConfusionMatrix, ContextLeak
+from ..io import read_json, write_bytes_atomic, write_json_atomic
+from .cam_net import CamNet, CamNetConfig
+from .cams import cams_to_mask, infer_cams
+from .checkpoint import load_checkpoint
+
+
+@dataclass(frozen=True)
+class PseudoMaskConfig:
+    cam_run: str  # a `promptseg train cam` run directory
+    out: str
+    split: str = "train"
+    low: float | None = None  # None: the run's background threshold (chosen on val)
+    high: float | None = None  # None: same as low (no ignore band)
+    cam_scales: tuple[float, ...] = (1.0, 0.5, 1.5, 2.0)
+    crf: bool = False
+    batch_size: int = 64
+
+    def validate(self) -> None:
+        if self.low is not None and self.high is not None and self.high < self.low:
+            raise ConfigError(f"high: got {self.high} | expected >= low ({self.low})")
+
+
+def load_cam_run(run: str | Path) -> tuple[CamNet, dict, dict]:
+    """The CAM network of a run directory (eval mode), its config and its report."""
+    from ..configs import from_dict
+
+    run = Path(run)
+    config = read_json(run / "config.json")
+    report = read_json(run / "report.json")
+    state = load_checkpoint(run / "cam_net.pt")
+    net = CamNet(from_dict(CamNetConfig, config["net"], where=f"{run}/config.json net"), state["num_classes"])
+    net.load_state_dict(state["net"])
+    return net.eval(), config, report
+
+
+def refine_with_crf(image: np.ndarray, cams: np.ndarray, low: float) -> np.ndarray:
+    """Dense CRF over [background, classes] probabilities (CLIMS: gt_prob-free unary from the maps,
+    gaussian sxy 3 compat 3, bilateral sxy 50 srgb 5 compat 10, 10 iterations)."""
+    try:
+        import pydensecrf.densecrf as dcrf
+        from pydensecrf.utils import unary_from_softmax
+    except ImportError:
+        raise PromptsegError("dense CRF asked for, but pydensecrf is not installed "
+                             "(pip install pydensecrf2); rerun without --crf") from None
+    height, width = image.shape[:2]
+    probs = np.concatenate([np.full((1, height, width), low, np.float32), cams]) + 1e-5
+    probs /= probs.sum(0, keepdims=True)
+    crf = dcrf.DenseCRF2D(width, height, probs.shape[0])
+    crf.setUnaryEnergy(np.ascontiguousarray(unary_from_softmax(probs)))
+    crf.addPairwiseGaussian(sxy=3, compat=3)
+    crf.addPairwiseBilateral(sxy=50, srgb=5, rgbim=np.ascontiguousarray(image), compat=10)
+    return np.argmax(np.array(crf.inference(10)).reshape(-1, height, width), 0).astype(np.uint8)
+
+
+def make_pseudo_masks(cfg: PseudoMaskConfig, *, show_progress: bool = True) -> dict:
+    """Write ``out/<id>.png`` for every image of ``cfg.split`` and ``out/report.json``."""
+    from tqdm import tqdm
+
+    from .cam_train import same_size_chunks
+
+    cfg.validate()
+    net, run_config, run_report = load_cam_run(cfg.cam_run)
+    low = cfg.low if cfg.low is not None else float(run_report["background_threshold"])
+    high = cfg.high if cfg.high is not None else low
+    dataset = VOCDataset(run_config["data"], cfg.split)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    matrix = ConfusionMatrix(dataset.num_classes + 1)
+    leak = ContextLeak(dataset.num_classes)
+    has_gt = has_context = True
+    ignored = total = 0
+    for chunk in tqdm(list(same_size_chunks(dataset, cfg.batch_size)), desc="pseudo-masks",
+                      disable=not show_progress):
+        images = np.stack([s.load_image() for s in chunk])
+        cams = infer_cams(net, images, np.stack([s.labels for s in chunk]), cfg.cam_scales)
+        for sample, image, sample_cams in zip(chunk, images, cams, strict=True):
+            mask = refine_with_crf(image, sample_cams, low) if cfg.crf else cams_to_mask(sample_cams, low)
+            if high > low:
+                peak = sample_cams.max(0)
+                mask[(peak >= low) & (peak < high)] = IGNORE_INDEX
+            buf = io.BytesIO()
+            mask_to_png_image(mask).save(buf, format="PNG")
+            write_bytes_atomic(out / f"{sample.id}.png", buf.getvalue())
+            ignored += int((mask == IGNORE_INDEX).sum())
+            total += mask.size
+            if sample.mask_path is None:
+                has_gt = False
+                continue
+            gt = sample.load_mask()
+            matrix.update(np.where(mask == IGNORE_INDEX, 0, mask), gt)
+            if sample.context_path is not None:
+                leak.update(np.where(gt == IGNORE_INDEX, IGNORE_INDEX, mask), sample.load_context())
+            else:
+                has_context = False
+    report = {
+        "method": run_report.get("method"),
+        "seed": run_report.get("seed"),
+        "cam_run": str(cfg.cam_run),
+        "low": low, "high": high, "crf": cfg.crf,
+        "cam_miou": run_report.get("cam_miou"),
+        "pseudo_mask_miou": 100 * matrix.miou() if has_gt else None,
+        "pseudo_mask_context_leak": float(leak.overall()) if has_gt and has_context else None,
+        "ignored_share": ignored / max(total, 1),
+        "images": len(dataset),
+    }
+    write_json_atomic(out / "config.json", cfg)
+    write_json_atomic(out / "report.json", report)
+    return report
+
+
+def save_cams(cam_run: str | Path, out: str | Path, split: str = "train",
+              scales: tuple[float, ...] = (1.0, 0.5, 1.5, 2.0), batch_size: int = 64) -> int:
+    """Write ``out/<id>.npy`` (``C x H x W`` float16 CAMs in 0..1) for every image of ``split``."""
+    from .cam_train import same_size_chunks
+
+    net, run_config, _ = load_cam_run(cam_run)
+    dataset = VOCDataset(run_config["data"], split)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for chunk in same_size_chunks(dataset, batch_size):
+        cams = infer_cams(net, np.stack([s.load_image() for s in chunk]), np.stack([s.labels for s in chunk]), scales)
+        for sample, sample_cams in zip(chunk, cams, strict=True):
+            buf = io.BytesIO()
+            np.save(buf, sample_cams.astype(np.float16))
+            write_bytes_atomic(out / f"{sample.id}.npy", buf.getvalue())
+    return len(dataset)

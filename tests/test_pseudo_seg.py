@@ -1,0 +1,84 @@
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from promptseg.data.voc import VOCDataset
+from promptseg.errors import ConfigError, DataError, PromptsegError
+from promptseg.train.pseudo import PseudoMaskConfig, make_pseudo_masks
+from promptseg.train.seg import Segmenter, SegTrainConfig, train_segmenter
+
+
+@pytest.fixture(scope="module")
+def pseudo_dir(baseline_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("pseudo")
+    make_pseudo_masks(PseudoMaskConfig(cam_run=str(baseline_run), out=str(out), cam_scales=(1.0,)),
+                      show_progress=False)
+    return out
+
+
+def test_pseudo_masks_cover_the_split(pseudo_dir, tiny_world, baseline_run):
+    ids = VOCDataset(tiny_world, "train").ids
+    assert sorted(p.stem for p in pseudo_dir.glob("*.png")) == sorted(ids)
+    with Image.open(pseudo_dir / f"{ids[0]}.png") as img:
+        assert img.mode == "P" and img.size == (64, 64)
+        values = set(np.unique(np.asarray(img)).tolist())
+    assert values <= set(range(7))
+    report = json.loads((pseudo_dir / "report.json").read_text())
+    run = json.loads((baseline_run / "report.json").read_text())
+    assert report["low"] == run["background_threshold"] and report["method"] == "baseline"
+    assert 0.0 <= report["pseudo_mask_miou"] <= 100.0 and report["ignored_share"] == 0.0
+
+
+def test_ignore_band_marks_uncertain_pixels(baseline_run, tmp_path):
+    report = make_pseudo_masks(PseudoMaskConfig(cam_run=str(baseline_run), out=str(tmp_path), low=0.2, high=0.8,
+                                                cam_scales=(1.0,)), show_progress=False)
+    assert 0.0 < report["ignored_share"] < 1.0
+    with pytest.raises(ConfigError, match="high"):
+        make_pseudo_masks(PseudoMaskConfig(cam_run=str(baseline_run), out=str(tmp_path), low=0.5, high=0.2))
+
+
+def test_crf_says_when_it_cannot_run(baseline_run, tmp_path):
+    try:
+        import pydensecrf  # noqa: F401
+    except ImportError:
+        with pytest.raises(PromptsegError, match="pydensecrf"):
+            make_pseudo_masks(PseudoMaskConfig(cam_run=str(baseline_run), out=str(tmp_path), crf=True,
+                                               cam_scales=(1.0,)), show_progress=False)
+    else:
+        report = make_pseudo_masks(PseudoMaskConfig(cam_run=str(baseline_run), out=str(tmp_path), crf=True,
+                                                    cam_scales=(1.0,)), show_progress=False)
+        assert report["crf"] is True
+
+
+def test_segmenter_shapes():
+    model = Segmenter("lraspp_mobilenet_v3_large", num_classes=6, input_size=64).eval()
+    assert model(torch.zeros(2, 3, 48, 80)).shape == (2, 7, 48, 80)
+
+
+def test_segmenter_trains_on_pseudo_masks(tiny_world, pseudo_dir, tmp_path):
+    report = train_segmenter(SegTrainConfig(data=str(tiny_world), out=str(tmp_path), masks=str(pseudo_dir),
+                                            epochs=1, batch_size=16, input_size=64), show_progress=False)
+    assert 0.0 <= report["seg_val_miou"] <= 100.0 and report["trained_on"] == str(pseudo_dir)
+    saved = torch.load(tmp_path / "segmenter.pt", weights_only=True)
+    assert saved["class_names"] == ["boat", "train", "cow", "plane", "car", "bird"] and saved["input_size"] == 64
+    assert (tmp_path / "val.png").is_file()
+
+
+def test_segmenter_names_bad_mask_folders(tiny_world, pseudo_dir, tmp_path):
+    with pytest.raises(DataError, match="not found"):
+        train_segmenter(SegTrainConfig(data=str(tiny_world), out=str(tmp_path), masks=str(tmp_path / "nope")),
+                        show_progress=False)
+    first = VOCDataset(tiny_world, "train").ids[0]
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for png in pseudo_dir.glob("*.png"):
+        (broken / png.name).write_bytes(png.read_bytes())
+    Image.fromarray(np.zeros((10, 10), np.uint8), mode="L").save(broken / f"{first}.png")
+    with pytest.raises(DataError, match=first):
+        train_segmenter(SegTrainConfig(data=str(tiny_world), out=str(tmp_path / "run"), masks=str(broken),
+                                       epochs=1, batch_size=200, input_size=64), show_progress=False)
