@@ -80,6 +80,7 @@ def test_semples_folds_prompts_that_match_the_training_code(tiny_world, tiny_cli
     cfg = _cfg(tiny_world, tmp_path, "semples", tiny_clip, baseline_run, prompt_length=4, prompt_epochs=1)
     report = train_cam(cfg, show_progress=False)
     assert report["method"] == "semples" and "stage_a" in report
+    assert (tmp_path / "cam_net.pt").is_file()  # the run's network is stage (c)'s
     folded = load_text_features(tmp_path / "stage_b")
     assert folded["text_features"].shape == (6, 128)
     assert folded["class_names"] == ["boat", "train", "cow", "plane", "car", "bird"]

@@ -9,6 +9,7 @@ from PIL import Image
 
 from promptseg.data.voc import VOCDataset
 from promptseg.errors import ConfigError, DataError, PromptsegError
+from promptseg.train.checkpoint import load_checkpoint
 from promptseg.train.pseudo import PseudoMaskConfig, make_pseudo_masks
 from promptseg.train.seg import Segmenter, SegTrainConfig, train_segmenter
 
@@ -67,6 +68,7 @@ def test_segmenter_trains_on_pseudo_masks(tiny_world, pseudo_dir, tmp_path):
     saved = torch.load(tmp_path / "segmenter.pt", weights_only=True)
     assert saved["class_names"] == ["boat", "train", "cow", "plane", "car", "bird"] and saved["input_size"] == 64
     assert (tmp_path / "val.png").is_file()
+    assert load_checkpoint(tmp_path / "train_state.pt")["epoch"] == 1  # resumable: loads weights_only
 
 
 def test_segmenter_names_bad_mask_folders(tiny_world, pseudo_dir, tmp_path):

@@ -366,6 +366,7 @@ def train_semples(cfg: CamTrainConfig, *, resume: bool = False, show_progress: b
     report = {**report_c, "method": "semples", "stage_a": {k: report_a[k] for k in ("cam_miou", "context_leak")},
               "prompt_class_similarity": report_b["prompt_class_similarity"],
               "text_features": report_b["text_features"]}
+    save_checkpoint(out / "cam_net.pt", load_checkpoint(out / "stage_c" / "cam_net.pt"))  # the run's network
     write_json_atomic(out / "config.json", cfg)
     write_json_atomic(out / "report.json", report)
     return report

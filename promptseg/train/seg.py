@@ -42,9 +42,9 @@ class SegTrainConfig:
     input_size: int = 128
     split: str = "train"
     val_split: str = "val"
-    epochs: int = 12
+    epochs: int = 10
     batch_size: int = 32
-    lr: float = 2e-3
+    lr: float = 5e-3  # from scratch; measured on the world: GT-trained val mIoU 75.5 at 64 px
     weight_decay: float = 1e-4
     seed: int = 0
     threads: int = 2
@@ -101,7 +101,7 @@ class SegCrops(Dataset):
 
 
 def _cosine(base: float, step: int, total: int) -> float:
-    return 0.5 * base * (1 + np.cos(np.pi * step / total))
+    return float(0.5 * base * (1 + np.cos(np.pi * step / total)))  # a float: checkpoints load weights_only
 
 
 def train_segmenter(cfg: SegTrainConfig, *, resume: bool = False, show_progress: bool = True) -> dict:
