@@ -73,8 +73,27 @@ class ClipGuidedTrainer(CamTrainer):
     def encode_images(self, views: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.clip.encode_image(views), dim=-1)
 
-    def text_for(self, b_idx: torch.Tensor, k_idx: torch.Tensor) -> torch.Tensor:
-        return self.class_text[k_idx]
+    def embed_views(self, images01, cams, labels):
+        """Class maps, CLIP features of every fg_k and bg_k (one CLIP pass), and the (image, class) indices."""
+        maps = self.class_maps(cams)
+        fg, bg, b_idx, k_idx = self.masked_views(images01, maps, labels)
+        feats = self.encode_images(torch.cat([fg, bg]))
+        return maps, feats[: len(fg)], feats[len(fg):], b_idx, k_idx
+
+    def matching_terms(self, fg_f, bg_f, text) -> dict[str, torch.Tensor]:
+        """w_otm L_OTM + w_btm L_BTM: the object looks like its text, what is left out does not."""
+        return {"otm": self.guide.w_otm * losses.object_text_matching(fg_f, text),
+                "btm": self.guide.w_btm * losses.background_text_matching(bg_f, text)}
+
+    def suppression_terms(self, fg_f, maps) -> dict[str, torch.Tensor]:
+        """w_cbs L_CBS (fixed background prompts) + w_reg L_REG, where their weights are non-zero."""
+        terms = {}
+        if self.guide.w_cbs:
+            terms["cbs"] = self.guide.w_cbs * losses.class_background_suppression(
+                fg_f, self.background_text, self.cbs_threshold)
+        if self.guide.w_reg:
+            terms["reg"] = self.guide.w_reg * losses.area_regularisation(maps)
+        return terms
 
     @torch.no_grad()
     def _calibrate_cbs_threshold(self, max_images: int = 256) -> float:
@@ -85,22 +104,8 @@ class ClipGuidedTrainer(CamTrainer):
 
     # -- the loss
     def method_loss(self, images01, cams, labels, rows):
-        maps = self.class_maps(cams)
-        fg, bg, b_idx, k_idx = self.masked_views(images01, maps, labels)
-        feats = self.encode_images(torch.cat([fg, bg]))
-        fg_f, bg_f = feats[: len(fg)], feats[len(fg):]
-        text = self.text_for(b_idx, k_idx)
-        g = self.guide
-        terms = {
-            "otm": g.w_otm * losses.object_text_matching(fg_f, text),
-            "btm": g.w_btm * losses.background_text_matching(bg_f, text),
-        }
-        if g.w_cbs:
-            terms["cbs"] = g.w_cbs * losses.class_background_suppression(fg_f, self.background_text,
-                                                                         self.cbs_threshold)
-        if g.w_reg:
-            terms["reg"] = g.w_reg * losses.area_regularisation(maps)
-        return terms
+        maps, fg_f, bg_f, _, k_idx = self.embed_views(images01, cams, labels)
+        return {**self.matching_terms(fg_f, bg_f, self.class_text[k_idx]), **self.suppression_terms(fg_f, maps)}
 
     def run_facts(self) -> dict:
         return {"cbs_threshold": self.cbs_threshold,
@@ -162,22 +167,10 @@ class PoleTrainer(ClipGuidedTrainer):
             self.text_adaptor.load_state_dict(state["text_adaptor"])
 
     def method_loss(self, images01, cams, labels, rows):
-        maps = self.class_maps(cams)
-        fg, bg, b_idx, k_idx = self.masked_views(images01, maps, labels)
-        feats = self.encode_images(torch.cat([fg, bg]))
-        fg_raw, bg_f = feats[: len(fg)], feats[len(fg):]
+        maps, fg_raw, bg_raw, b_idx, k_idx = self.embed_views(images01, cams, labels)
         text = self.text_adaptor(self.name_text[self.choice_table[rows[b_idx], k_idx]])
-        fg_f = self.image_adaptor(fg_raw)
-        bg_f = self.image_adaptor(bg_f)
-        g = self.guide
-        terms = {
-            "otm": g.w_otm * losses.object_text_matching(fg_f, text),
-            "btm": g.w_btm * losses.background_text_matching(bg_f, text),
-        }
-        if g.w_cbs:  # adaptors are not used in L_CBS
-            terms["cbs"] = g.w_cbs * losses.class_background_suppression(fg_raw, self.background_text,
-                                                                         self.cbs_threshold)
-        return terms
+        terms = self.matching_terms(self.image_adaptor(fg_raw), self.image_adaptor(bg_raw), text)
+        return {**terms, **self.suppression_terms(fg_raw, maps)}  # adaptors are not used in L_CBS
 
     def run_facts(self) -> dict:
         total = changed = 0
@@ -237,12 +230,8 @@ class SemplesSegmentLabelTrainer(ClipGuidedTrainer):
         return minmax_maps(cams, 0.1)
 
     def method_loss(self, images01, cams, labels, rows):
-        maps = self.class_maps(cams)
-        fg, bg, b_idx, k_idx = self.masked_views(images01, maps, labels)
-        feats = self.encode_images(torch.cat([fg, bg]))
-        text = self.text_for(b_idx, k_idx)
-        return {"otm": self.guide.w_otm * losses.object_text_matching(feats[: len(fg)], text),
-                "btm": self.guide.w_btm * losses.background_text_matching(feats[len(fg):], text)}
+        _, fg_f, bg_f, _, k_idx = self.embed_views(images01, cams, labels)
+        return self.matching_terms(fg_f, bg_f, self.class_text[k_idx])
 
 
 class SemplesRefineTrainer(SemplesSegmentLabelTrainer):
@@ -259,15 +248,9 @@ class SemplesRefineTrainer(SemplesSegmentLabelTrainer):
         self.prompt_text = state["text_features"]
 
     def method_loss(self, images01, cams, labels, rows):
-        maps = self.class_maps(cams)
-        fg, bg, b_idx, k_idx = self.masked_views(images01, maps, labels)
-        feats = self.encode_images(torch.cat([fg, bg]))
-        fg_f, bg_f = feats[: len(fg)], feats[len(fg):]
-        text = self.text_for(b_idx, k_idx)
-        g = self.guide
-        return {"otm": g.w_otm * losses.object_text_matching(fg_f, text),
-                "btm": g.w_btm * losses.background_text_matching(bg_f, text),
-                "refine": g.w_refine * losses.prompt_guided_suppression(fg_f, self.prompt_text[k_idx])}
+        _, fg_f, bg_f, _, k_idx = self.embed_views(images01, cams, labels)
+        refine = self.guide.w_refine * losses.prompt_guided_suppression(fg_f, self.prompt_text[k_idx])
+        return {**self.matching_terms(fg_f, bg_f, self.class_text[k_idx]), "refine": refine}
 
 
 TEXT_FEATURES = "text_features.pt"
@@ -311,7 +294,7 @@ def learn_background_prompts(cfg: CamTrainConfig, *, show_progress: bool = True)
                 group["lr"] = cfg.guidance.prompt_lr * 0.5 * (1 + np.cos(np.pi * step / total))
             with torch.no_grad():
                 maps = minmax_maps(trainer.net(imagenet_normalise(images01)), 1e-4)
-                _, bg, b_idx, k_idx = trainer.masked_views(images01, maps, labels)
+                _, bg, _, k_idx = trainer.masked_views(images01, maps, labels)
                 bg_f = trainer.encode_images(bg)
             p = prompts(trainer.clip)
             loss = losses.prompt_contrast(bg_f, p[k_idx], trainer.class_text[k_idx], cfg.guidance.w_prompt_text)
