@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 import torchvision
 from torch import nn
 
@@ -88,9 +87,3 @@ def _unstride(layer: nn.Sequential) -> None:
     if block.downsample is not None:
         block.downsample[0].stride = (1, 1)
 
-
-def normalise_cams(cams: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """ReLU CAMs divided by their per-map maximum (CLIMS's inference normalisation), in 0..1."""
-    cams = F.relu(cams)
-    peak = cams.flatten(-2).amax(-1)[..., None, None]
-    return cams / (peak + eps)
