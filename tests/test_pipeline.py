@@ -2,7 +2,9 @@ from __future__ import annotations
 
 import json
 
+from promptseg.io import sha256_file
 from promptseg.pipeline import CAM_METHODS, DemoConfig, run_demo
+from promptseg.train.checkpoint import load_checkpoint, save_checkpoint
 
 
 def test_demo_chain_writes_a_report_and_keeps_finished_stages(tmp_path):
@@ -21,3 +23,14 @@ def test_demo_chain_writes_a_report_and_keeps_finished_stages(tmp_path):
     again = run_demo(cfg, show_progress=False)  # every stage is current: nothing retrains
     assert again["methods"] == report["methods"]
     assert again["timings_s"]["clip"] < 2 and again["timings_s"]["semples"] < 2
+
+    # a changed input (the SemPLeS network) reruns the stages that read it, and only those
+    net_path = tmp_path / "demo" / "semples" / "cam_net.pt"
+    state = load_checkpoint(net_path)
+    state["net"]["classifier.weight"] = -state["net"]["classifier.weight"]
+    save_checkpoint(net_path, state)
+    stamp = tmp_path / "demo" / "pseudo_semples" / "stage.json"
+    before = json.loads(stamp.read_text())["inputs"][str(net_path)]
+    third = run_demo(cfg, show_progress=False)
+    assert json.loads(stamp.read_text())["inputs"][str(net_path)] == sha256_file(net_path) != before
+    assert third["methods"] == report["methods"]
