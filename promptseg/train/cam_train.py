@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import random
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +29,7 @@ from .cams import (
     infer_cams,
     score_cams,
 )
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import capture_rng, check_resume_config, config_record, load_checkpoint, restore_rng, save_checkpoint
 from .config import CamTrainConfig
 
 
@@ -125,14 +124,11 @@ class CamTrainer:
         start_epoch = 0
         if resume and state_path.exists():
             state = load_checkpoint(state_path)
-            if state["config"] != json.loads(json.dumps(asdict(cfg))):
-                raise PromptsegError(f"{state_path}: saved with a different config; rerun without --resume")
+            check_resume_config(state, cfg, state_path)
             self.net.load_state_dict(state["net"])
             optimizer.load_state_dict(state["optimizer"])
             self.load_extra_state(state.get("extra", {}))
-            torch.set_rng_state(state["torch_rng"])
-            generator.set_state(state["loader_rng"])
-            random.setstate(_tuple_state(state["py_rng"]))
+            restore_rng(state, generator)
             start_epoch = state["epoch"]
         write_json_atomic(self.out / "config.json", cfg)
 
@@ -165,9 +161,7 @@ class CamTrainer:
                 fh.write(json.dumps({"epoch": epoch + 1, **{k: v / len(loader) for k, v in sums.items()}}) + "\n")
             save_checkpoint(state_path, {
                 "net": self.net.state_dict(), "optimizer": optimizer.state_dict(), "extra": self.extra_state(),
-                "torch_rng": torch.get_rng_state(), "loader_rng": generator.get_state(),
-                "py_rng": _list_state(random.getstate()), "epoch": epoch + 1,
-                "config": json.loads(json.dumps(asdict(cfg))),
+                **capture_rng(generator), "epoch": epoch + 1, "config": config_record(cfg),
             })
         bar.close()
         train_seconds = time.perf_counter() - started
@@ -259,15 +253,6 @@ def same_size_chunks(dataset: VOCDataset, batch_size: int):
         size = this
     if chunk:
         yield chunk
-
-
-def _list_state(state):
-    """Python's RNG state as nested lists (``weights_only`` checkpoints hold no tuples of ints)."""
-    return [state[0], list(state[1]), state[2]]
-
-
-def _tuple_state(state):
-    return (state[0], tuple(state[1]), state[2])
 
 
 def train_cam(cfg: CamTrainConfig, *, resume: bool = False, show_progress: bool = True) -> dict:

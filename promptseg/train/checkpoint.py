@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
+import random
 from pathlib import Path
 from typing import Any
 
@@ -25,3 +28,27 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for corrupt or foreign files
         raise PromptsegError(f"{path}: not a loadable promptseg checkpoint ({exc})") from None
+
+
+def config_record(cfg) -> dict:
+    """A dataclass config as JSON types: what checkpoints store to refuse a resume under another config."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def check_resume_config(state: dict[str, Any], cfg, path: str | os.PathLike) -> None:
+    if state["config"] != config_record(cfg):
+        raise PromptsegError(f"{path}: saved with a different config; rerun without --resume")
+
+
+def capture_rng(loader_generator: torch.Generator) -> dict[str, Any]:
+    """torch, DataLoader and Python RNG states in ``weights_only``-loadable form (no tuples of ints)."""
+    version, internal, gauss = random.getstate()
+    return {"torch_rng": torch.get_rng_state(), "loader_rng": loader_generator.get_state(),
+            "py_rng": [version, list(internal), gauss]}
+
+
+def restore_rng(state: dict[str, Any], loader_generator: torch.Generator) -> None:
+    torch.set_rng_state(state["torch_rng"])
+    loader_generator.set_state(state["loader_rng"])
+    version, internal, gauss = state["py_rng"]
+    random.setstate((version, tuple(internal), gauss))

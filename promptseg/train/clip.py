@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +25,7 @@ from ..data.voc import VOCDataset
 from ..errors import ConfigError, DataError, PromptsegError
 from ..eval import average_precision
 from ..io import write_json_atomic
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import check_resume_config, config_record, load_checkpoint, save_checkpoint
 
 MODEL_CONFIG_DIR = Path(__file__).with_name("model_configs")
 TINY_CLIP = "promptseg-tiny-clip"
@@ -257,8 +257,7 @@ def train_clip(cfg: ClipTrainConfig, *, resume: bool = False, show_progress: boo
     start_step, losses = 0, []
     if resume and state_path.exists():
         state = load_checkpoint(state_path)
-        if state["config"] != asdict(cfg):
-            raise PromptsegError(f"{state_path}: saved with a different config; rerun without --resume")
+        check_resume_config(state, cfg, state_path)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
@@ -294,7 +293,7 @@ def train_clip(cfg: ClipTrainConfig, *, resume: bool = False, show_progress: boo
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
             save_checkpoint(state_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                          "rng": torch.get_rng_state(), "step": done, "losses": losses,
-                                         "config": asdict(cfg)})
+                                         "config": config_record(cfg)})
     train_seconds = time.perf_counter() - started
 
     model.eval()

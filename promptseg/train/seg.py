@@ -7,11 +7,9 @@ the image, the same contract the exported graph keeps.
 
 from __future__ import annotations
 
-import io
-import json
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +26,7 @@ from ..errors import ConfigError, DataError, PromptsegError
 from ..eval import ConfusionMatrix
 from ..io import atomic_write, write_json_atomic
 from .cams import imagenet_normalise
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import capture_rng, check_resume_config, config_record, load_checkpoint, restore_rng, save_checkpoint
 
 SEG_ARCHS = ("lraspp_mobilenet_v3_large", "deeplabv3_mobilenet_v3_large")
 
@@ -128,13 +126,10 @@ def train_segmenter(cfg: SegTrainConfig, *, resume: bool = False, show_progress:
     start_epoch = 0
     if resume and state_path.exists():
         state = load_checkpoint(state_path)
-        if state["config"] != json.loads(json.dumps(asdict(cfg))):
-            raise PromptsegError(f"{state_path}: saved with a different config; rerun without --resume")
+        check_resume_config(state, cfg, state_path)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["torch_rng"])
-        generator.set_state(state["loader_rng"])
-        random.setstate((state["py_rng"][0], tuple(state["py_rng"][1]), state["py_rng"][2]))
+        restore_rng(state, generator)
         start_epoch = state["epoch"]
     write_json_atomic(out / "config.json", cfg)
     started = time.perf_counter()
@@ -152,11 +147,8 @@ def train_segmenter(cfg: SegTrainConfig, *, resume: bool = False, show_progress:
             optimizer.step()
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}")
-        py_state = random.getstate()
         save_checkpoint(state_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                     "torch_rng": torch.get_rng_state(), "loader_rng": generator.get_state(),
-                                     "py_rng": [py_state[0], list(py_state[1]), py_state[2]],
-                                     "epoch": epoch + 1, "config": json.loads(json.dumps(asdict(cfg)))})
+                                     **capture_rng(generator), "epoch": epoch + 1, "config": config_record(cfg)})
     bar.close()
     save_checkpoint(out / "segmenter.pt", {"model": model.state_dict(), "arch": cfg.arch,
                                            "input_size": cfg.input_size,
@@ -199,12 +191,6 @@ def _save_val_pictures(model: Segmenter, dataset: VOCDataset, path: Path, count:
         gt = sample.load_mask()
         rows.append([image, overlay_mask(image, np.where(gt == IGNORE_INDEX, 0, gt)), overlay_mask(image, pred)])
     picture = gallery(rows)
-
-    def write(tmp: Path) -> None:
-        buf = io.BytesIO()
-        picture.save(buf, format="PNG")
-        tmp.write_bytes(buf.getvalue())
-
-    atomic_write(path, write)
+    atomic_write(path, lambda tmp: picture.save(tmp, format="PNG"))
 
 
