@@ -233,6 +233,38 @@ def _scales(text: str) -> tuple[float, ...]:
     return values
 
 
+# ----------------------------------------------------------------------------- export
+
+
+@main.command("export")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Output folder [default: RUN_DIR/export].")
+@click.option("--method", type=click.Choice(["baseline", "clims", "pole", "semples"]), default="semples",
+              show_default=True, help="Whose CAM network and pseudo-mask segmenter to export.")
+@click.option("--parity-images", default=64, show_default=True, help="Real val images the parity gate runs.")
+@click.option("--max-abs-diff", default=1e-3, show_default=True, help="Parity bound on float outputs.")
+@click.option("--min-label-agreement", default=0.999, show_default=True, help="Parity bound on argmax labels.")
+def export_cmd(run_dir: Path, out: Path | None, method: str, parity_images: int, max_abs_diff: float,
+               min_label_agreement: float) -> None:
+    """Export a finished demo/pipeline run for the device: no torch, no CLIP text encoder there.
+
+    Writes segmenter.onnx and cam.onnx (input `image` N x 3 x H x W float32 RGB 0..1; normalisation
+    and resizing are inside the graphs), text_features.npy (the learned prompts folded to constant
+    L2-normalised features), manifest.json and export_report.json. Exits non-zero when PyTorch and
+    ONNX Runtime disagree on real val images beyond the bounds.
+    """
+    from .export import ExportConfig, export_run
+
+    out = out or run_dir / "export"
+    report = export_run(ExportConfig(run=str(run_dir), out=str(out), method=method, parity_images=parity_images,
+                                     max_abs_diff=max_abs_diff, min_label_agreement=min_label_agreement))
+    for name, entry in report["files"].items():
+        click.echo(f"{name}: max |diff| {entry['max_abs_diff']:.2e}, label agreement "
+                   f"{100 * entry['label_agreement']:.3f}% on {entry['images']} images")
+    click.echo(f"wrote {out}")
+
+
 # ----------------------------------------------------------------------------- demo
 
 
