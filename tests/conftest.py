@@ -35,3 +35,24 @@ def baseline_run(tiny_world, tmp_path_factory) -> Path:
     train_cam(CamTrainConfig(data=str(tiny_world), out=str(out), epochs=1, batch_size=16, cam_scales=(1.0,)),
               show_progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_demo(tmp_path_factory) -> Path:
+    """A finished demo run at toy size (every stage, a few steps each) for export and later stages."""
+    from promptseg.pipeline import DemoConfig, run_demo
+
+    out = tmp_path_factory.mktemp("tiny_demo")
+    run_demo(DemoConfig(out=str(out), train_images=48, val_images=16, clip_images=32, clip_steps=2,
+                        baseline_epochs=1, method_epochs=1, seg_epochs=1, threads=1), show_progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tiny_demo) -> Path:
+    """``promptseg export`` of :func:`tiny_demo` (SemPLeS), done once."""
+    from promptseg.export import ExportConfig, export_run
+
+    out = tiny_demo / "export"
+    export_run(ExportConfig(run=str(tiny_demo), out=str(out), parity_images=16))
+    return out
