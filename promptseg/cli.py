@@ -127,13 +127,19 @@ def train_clip_cmd(data_dir, out, model, steps, batch_size, lr, seed, threads, r
 @click.option("--background-words", help="Comma-separated CLIMS background prompts (default: CLIMS's VOC list).")
 @click.option("--candidates", type=click.Path(exists=True, dir_okay=False),
               help="POLE: JSON {class: [names]} (default: the dataset's classes.json synonyms).")
+@click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), help="Training device [default: cpu].")
+@click.option("--amp/--no-amp", default=None, help="bf16 autocast (fp16 on GPUs without bf16).")
+@click.option("--channels-last/--no-channels-last", default=None, help="NHWC memory format (faster convs on GPU).")
 @click.option("--resume", is_flag=True, help="Continue the run directory's last checkpoint.")
 def train_cam_cmd(method, data_dir, out, config_file, clip_pretrained, clip_model, init_from, epochs, batch_size,
-                  lr, seed, threads, cbs_threshold, background_words, candidates, resume) -> None:
+                  lr, seed, threads, cbs_threshold, background_words, candidates, device, amp, channels_last,
+                  resume) -> None:
     """Train a CAM network and score its CAMs (mIoU, context leak) into OUT/report.json.
 
     The background threshold of `cam_miou` is chosen on the val split; numbers that looked at the
-    scored labels are reported as oracle_*.
+    scored labels are reported as oracle_*. Data parallel: start it with
+    `torchrun --nproc_per_node N -m promptseg train cam ...` (NCCL on GPUs, gloo on CPU; the
+    batch size is global and split over the processes; rank 0 writes the files).
     """
     from dataclasses import replace
 
@@ -148,7 +154,8 @@ def train_cam_cmd(method, data_dir, out, config_file, clip_pretrained, clip_mode
     else:
         raise click.UsageError("give --data and --out, or --config")
     changes = {k: v for k, v in {"data": data_dir, "out": out, "method": method, "epochs": epochs,
-                                  "batch_size": batch_size, "lr": lr, "seed": seed, "threads": threads}.items()
+                                  "batch_size": batch_size, "lr": lr, "seed": seed, "threads": threads,
+                                  "device": device, "amp": amp, "channels_last": channels_last}.items()
                if v is not None}
     cfg = replace(cfg, **changes)
     if cfg.method != "baseline":
@@ -161,6 +168,8 @@ def train_cam_cmd(method, data_dir, out, config_file, clip_pretrained, clip_mode
         base = cfg.guidance or default_guidance(cfg.method)
         cfg = replace(cfg, guidance=replace(base, **guide))
     report = train_cam(cfg, resume=resume)
+    if not report:  # a torchrun process other than rank 0
+        return
     click.echo(f"{cfg.method}: CAM mIoU {report['cam_miou']:.1f} (threshold {report['background_threshold']}, "
                f"{report['background_threshold_source']}), context leak {report['context_leak']}, "
                f"oracle mIoU {report['oracle_cam_miou']:.1f}  ({cfg.out}/report.json)")

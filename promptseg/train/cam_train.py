@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from ..data.voc import VOCDataset
 from ..errors import PromptsegError
@@ -31,6 +32,7 @@ from .cams import (
 )
 from .checkpoint import capture_rng, check_resume_config, config_record, load_checkpoint, restore_rng, save_checkpoint
 from .config import CamTrainConfig
+from .distributed import Runtime, average_gradients, broadcast_parameters, setup
 
 
 class CamCrops(Dataset):
@@ -77,6 +79,7 @@ class CamTrainer:
 
     def __init__(self, cfg: CamTrainConfig):
         cfg.validate()
+        seed_everything(cfg.seed)  # methods draw initial weights (adaptors) while constructing
         self.cfg = cfg
         self.out = Path(cfg.out)
         self.dataset = VOCDataset(cfg.data, cfg.split)
@@ -107,18 +110,39 @@ class CamTrainer:
             return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
         return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
+    def place(self, runtime: Runtime) -> None:
+        """Move the trained network (and, in subclasses, the method's tensors) to the run's device."""
+        memory_format = torch.channels_last if runtime.channels_last else torch.preserve_format
+        self.net.to(runtime.device, memory_format=memory_format)
+
     def train(self, *, resume: bool = False, show_progress: bool = True) -> dict:
         from tqdm import tqdm
 
         cfg = self.cfg
-        self.out.mkdir(parents=True, exist_ok=True)
+        runtime = setup(cfg.device, cfg.amp, cfg.channels_last)
+        if cfg.batch_size % runtime.world_size:
+            raise PromptsegError(f"batch_size {cfg.batch_size} (global) does not split over "
+                                 f"{runtime.world_size} processes")
+        if runtime.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
         torch.set_num_threads(cfg.threads)
-        seed_everything(cfg.seed)
+        seed_everything(cfg.seed + runtime.rank)  # each process draws its own crops
+        self.place(runtime)
         optimizer = self._optimizer()
+        model = self.net
+        if runtime.distributed:
+            model = DistributedDataParallel(self.net, device_ids=[runtime.device.index]
+                                            if runtime.device.type == "cuda" else None)
         generator = torch.Generator().manual_seed(cfg.seed)
-        loader = DataLoader(CamCrops(self.dataset, cfg.crop, cfg.scale_range), batch_size=cfg.batch_size,
-                            shuffle=True, drop_last=len(self.dataset) > cfg.batch_size, generator=generator,
-                            num_workers=0)
+        crops = CamCrops(self.dataset, cfg.crop, cfg.scale_range)
+        sampler = None
+        if runtime.distributed:
+            sampler = DistributedSampler(crops, num_replicas=runtime.world_size, rank=runtime.rank, shuffle=True,
+                                         seed=cfg.seed, drop_last=True)
+        loader = DataLoader(crops, batch_size=cfg.batch_size // runtime.world_size, shuffle=sampler is None,
+                            sampler=sampler, drop_last=len(self.dataset) > cfg.batch_size,
+                            generator=generator if sampler is None else None, num_workers=0,
+                            pin_memory=runtime.device.type == "cuda")
         total_steps = cfg.epochs * len(loader)
         state_path = self.out / "train_state.pt"
         start_epoch = 0
@@ -128,49 +152,70 @@ class CamTrainer:
             self.net.load_state_dict(state["net"])
             optimizer.load_state_dict(state["optimizer"])
             self.load_extra_state(state.get("extra", {}))
-            restore_rng(state, generator)
+            if not runtime.distributed:  # one process: continue its exact random stream
+                restore_rng(state, generator)
             start_epoch = state["epoch"]
-        write_json_atomic(self.out / "config.json", cfg)
+        if runtime.is_main:
+            write_json_atomic(self.out / "config.json", cfg)
+        extra_params = [p for group in self.extra_parameters() for p in group["params"]]
+        broadcast_parameters(extra_params, runtime)  # DDP does this for the network itself
 
         started = time.perf_counter()
         log_path = self.out / "log.jsonl"
-        if start_epoch == 0 and log_path.exists():
+        if start_epoch == 0 and log_path.exists() and runtime.is_main:
             log_path.unlink()
         bar = tqdm(total=total_steps, initial=start_epoch * len(loader), desc=f"train {cfg.method}",
-                   disable=not show_progress)
+                   disable=not show_progress or not runtime.is_main)
         for epoch in range(start_epoch, cfg.epochs):
             self.net.train()
+            if sampler is not None:
+                sampler.set_epoch(epoch)
             sums: dict[str, float] = {}
             for i, (images01, labels, rows) in enumerate(loader):
                 step = epoch * len(loader) + i
                 for group in optimizer.param_groups:
                     group["lr"] = _poly_lr(group["base_lr"], step, total_steps)
-                cams = self.net(imagenet_normalise(images01))
-                terms = self.method_loss(images01, cams, labels, rows)
-                loss = sum(terms.values())
+                images01 = runtime.images(images01)
+                labels, rows = labels.to(runtime.device), rows.to(runtime.device)
+                with runtime.autocast():
+                    cams = model(imagenet_normalise(images01))
+                    terms = self.method_loss(images01, cams, labels, rows)
+                loss = sum(terms.values()).float()
                 if not torch.isfinite(loss):
                     raise PromptsegError(f"loss became {loss.item()} at step {step}: lower the learning rate")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                average_gradients(extra_params, runtime)
                 optimizer.step()
                 for name, value in terms.items():
                     sums[name] = sums.get(name, 0.0) + value.item()
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss.item():.3f}")
-            with log_path.open("a") as fh:
-                fh.write(json.dumps({"epoch": epoch + 1, **{k: v / len(loader) for k, v in sums.items()}}) + "\n")
-            save_checkpoint(state_path, {
-                "net": self.net.state_dict(), "optimizer": optimizer.state_dict(), "extra": self.extra_state(),
-                **capture_rng(generator), "epoch": epoch + 1, "config": config_record(cfg),
-            })
+            if runtime.is_main:  # rank 0's terms: the others differ only in their crops
+                with log_path.open("a") as fh:
+                    fh.write(json.dumps({"epoch": epoch + 1, **{k: v / len(loader) for k, v in sums.items()}}) + "\n")
+                save_checkpoint(state_path, {
+                    "net": self.net.state_dict(), "optimizer": optimizer.state_dict(), "extra": self.extra_state(),
+                    **capture_rng(generator), "epoch": epoch + 1, "config": config_record(cfg),
+                })
+            runtime.barrier()
         bar.close()
         train_seconds = time.perf_counter() - started
-        save_checkpoint(self.out / "cam_net.pt", {"net": self.net.state_dict(), "num_classes": self.net.num_classes,
-                                                   "class_names": list(self.dataset.class_names)})
-        report = {"method": cfg.method, "seed": cfg.seed, "train_seconds_this_session": round(train_seconds, 1),
-                  **self.run_facts(), **self.evaluate(show_progress=show_progress)}
-        self.save_pictures(report["background_threshold"])
-        write_json_atomic(self.out / "report.json", report)
+        report: dict = {}
+        if runtime.is_main:
+            save_checkpoint(self.out / "cam_net.pt", {"net": self.net.state_dict(),
+                                                       "num_classes": self.net.num_classes,
+                                                       "class_names": list(self.dataset.class_names)})
+            self.net.float()  # evaluation in fp32 on the training device
+            report = {"method": cfg.method, "seed": cfg.seed, "train_seconds_this_session": round(train_seconds, 1),
+                      "device": str(runtime.device), "world_size": runtime.world_size,
+                      "amp": str(runtime.amp_dtype).replace("torch.", "") if runtime.amp_dtype else "fp32",
+                      "train_images_per_s": round(len(loader) * cfg.batch_size * (cfg.epochs - start_epoch)
+                                                  / max(train_seconds, 1e-9), 1),
+                      **self.run_facts(), **self.evaluate(show_progress=show_progress)}
+            self.save_pictures(report["background_threshold"])
+            write_json_atomic(self.out / "report.json", report)
+        runtime.barrier()
         return report
 
     def extra_state(self) -> dict:

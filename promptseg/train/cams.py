@@ -35,10 +35,11 @@ def infer_cams(net, images_u8: np.ndarray, labels: np.ndarray, scales: Sequence[
     ``images_u8``: ``B x H x W x 3`` uint8 RGB; ``labels``: ``B x C`` multi-hot. Returns
     ``B x C x H x W`` float32 in 0..1, zero for classes an image is not labelled with.
     """
-    images = torch.from_numpy(np.array(images_u8, dtype=np.float32)).permute(0, 3, 1, 2) / 255.0
+    device = next(net.parameters()).device
+    images = torch.from_numpy(np.array(images_u8, dtype=np.float32)).to(device).permute(0, 3, 1, 2) / 255.0
     images = imagenet_normalise(images)
     batch, _, height, width = images.shape
-    total = torch.zeros(batch, net.num_classes, height, width)
+    total = torch.zeros(batch, net.num_classes, height, width, device=device)
     for scale in scales:
         size = (max(int(round(height * scale)), 8), max(int(round(width * scale)), 8))
         scaled = F.interpolate(images, size=size, mode="bilinear", align_corners=False) if scale != 1.0 else images
@@ -46,9 +47,9 @@ def infer_cams(net, images_u8: np.ndarray, labels: np.ndarray, scales: Sequence[
         if flip:
             cams = cams[:batch] + cams[batch:].flip(-1)
         total += F.interpolate(cams, size=(height, width), mode="bilinear", align_corners=False)
-    total[~torch.from_numpy(np.asarray(labels) > 0)] = 0
+    total[~torch.from_numpy(np.asarray(labels) > 0).to(device)] = 0
     peak = total.flatten(2).amax(2).clamp_min(1e-5)[..., None, None]
-    return (total / peak).numpy()
+    return (total / peak).cpu().numpy()
 
 
 def cams_to_mask(cams: np.ndarray, threshold: float) -> np.ndarray:

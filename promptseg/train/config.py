@@ -67,12 +67,17 @@ class CamTrainConfig:
     cam_scales: tuple[float, ...] = (1.0, 0.5, 1.5, 2.0)
     seed: int = 0
     threads: int = 2
+    device: str = "cpu"  # cpu, cuda or auto; under torchrun each process takes its LOCAL_RANK GPU
+    amp: bool = False  # autocast to bf16 (fp16 where a GPU lacks bf16)
+    channels_last: bool = False
     guidance: ClipGuidance | None = None  # the CLIP-guided methods' settings
 
     def validate(self) -> None:
         self.net.validate()
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"optimizer: got {self.optimizer!r} | expected one of {OPTIMIZERS}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"device: got {self.device!r} | expected auto, cpu or cuda")
         for name in ("epochs", "batch_size", "crop", "threads"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: got {getattr(self, name)} | expected >= 1")

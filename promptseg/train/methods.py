@@ -22,6 +22,7 @@ from .cams import imagenet_normalise, infer_cams
 from .checkpoint import load_checkpoint, save_checkpoint
 from .clip import ClipSpec, clip_input_size, clip_normalize, encode_prompts
 from .config import CamTrainConfig
+from .distributed import setup
 from .prompts import CLASS_TEMPLATE, BackgroundPrompts, ClipAdapter
 
 
@@ -53,6 +54,12 @@ class ClipGuidedTrainer(CamTrainer):
         self.cbs_threshold = self.guide.cbs_threshold
         if self.cbs_threshold is None:
             self.cbs_threshold = self._calibrate_cbs_threshold()
+
+    def place(self, runtime) -> None:
+        super().place(runtime)
+        self.clip.to(runtime.device)
+        self.class_text = self.class_text.to(runtime.device)
+        self.background_text = self.background_text.to(runtime.device)
 
     # -- shared pieces
     def prompt_features(self, template: str, words) -> torch.Tensor:
@@ -153,6 +160,13 @@ class PoleTrainer(ClipGuidedTrainer):
                 table[row, k] = self.name_index[self.choices.get(image_id, {}).get(cls, self.candidates[cls][0])]
         self.choice_table = table
 
+    def place(self, runtime) -> None:
+        super().place(runtime)
+        for module in (self.image_adaptor, self.text_adaptor):
+            module.to(runtime.device)
+        self.name_text = self.name_text.to(runtime.device)
+        self.choice_table = self.choice_table.to(runtime.device)
+
     def extra_parameters(self) -> list[dict]:
         lr = self.cfg.lr * self.guide.adaptor_lr_mult
         return [{"params": list(self.image_adaptor.parameters()) + list(self.text_adaptor.parameters()),
@@ -247,6 +261,10 @@ class SemplesRefineTrainer(SemplesSegmentLabelTrainer):
                                  f"expected {list(self.dataset.class_names)}")
         self.prompt_text = state["text_features"]
 
+    def place(self, runtime) -> None:
+        super().place(runtime)
+        self.prompt_text = self.prompt_text.to(runtime.device)
+
     def method_loss(self, images01, cams, labels, rows):
         _, fg_f, bg_f, _, k_idx = self.embed_views(images01, cams, labels)
         refine = self.guide.w_refine * losses.prompt_guided_suppression(fg_f, self.prompt_text[k_idx])
@@ -271,15 +289,20 @@ def learn_background_prompts(cfg: CamTrainConfig, *, show_progress: bool = True)
     from torch.utils.data import DataLoader
     from tqdm import tqdm
 
-    trainer = SemplesSegmentLabelTrainer(cfg)  # loads CLIP, data and the stage-(a) network (init_from)
-    trainer.net.eval().requires_grad_(False)
+    runtime = setup(cfg.device, cfg.amp, cfg.channels_last)
     out = Path(cfg.out)
+    if not runtime.is_main:  # prompts are small: rank 0 learns them, the others wait for the file
+        runtime.barrier()
+        return read_json(out / "report.json")
+    trainer = SemplesSegmentLabelTrainer(cfg)  # loads CLIP, data and the stage-(a) network (init_from)
+    trainer.place(runtime)
+    trainer.net.eval().requires_grad_(False)
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "config.json", cfg)
     torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
     prompts = BackgroundPrompts(trainer.clip, trainer.tokenizer, trainer.dataset.num_classes,
-                                cfg.guidance.prompt_length)
+                                cfg.guidance.prompt_length).to(runtime.device)
     optimizer = torch.optim.AdamW(prompts.parameters(), lr=cfg.guidance.prompt_lr, weight_decay=0.03)
     loader = DataLoader(CamCrops(trainer.dataset, cfg.crop, cfg.scale_range), batch_size=cfg.batch_size,
                         shuffle=True, drop_last=len(trainer.dataset) > cfg.batch_size,
@@ -292,6 +315,7 @@ def learn_background_prompts(cfg: CamTrainConfig, *, show_progress: bool = True)
         for images01, labels, _ in loader:
             for group in optimizer.param_groups:
                 group["lr"] = cfg.guidance.prompt_lr * 0.5 * (1 + np.cos(np.pi * step / total))
+            images01, labels = runtime.images(images01), labels.to(runtime.device)
             with torch.no_grad():
                 maps = minmax_maps(trainer.net(imagenet_normalise(images01)), 1e-4)
                 _, bg, _, k_idx = trainer.masked_views(images01, maps, labels)
@@ -308,13 +332,16 @@ def learn_background_prompts(cfg: CamTrainConfig, *, show_progress: bool = True)
     bar.close()
     with torch.no_grad():
         features = prompts(trainer.clip)
-    save_checkpoint(out / "prompts.pt", {"embeddings": prompts.embeddings.detach(), "tokens": prompts.tokens})
+    save_checkpoint(out / "prompts.pt", {"embeddings": prompts.embeddings.detach().cpu(),
+                                         "tokens": prompts.tokens.cpu()})
+    features = features.cpu()
     save_checkpoint(out / TEXT_FEATURES, {"text_features": features, "class_names": list(trainer.dataset.class_names)})
-    sims = features @ trainer.class_text.T
+    sims = features @ trainer.class_text.cpu().T
     report = {"method": "semples", "stage": "b", "seed": cfg.seed, "final_loss": float(np.mean(log[-10:])),
               "prompt_class_similarity": sims.diagonal().tolist(),
               "text_features": str(out / TEXT_FEATURES)}
     write_json_atomic(out / "report.json", report)
+    runtime.barrier()
     return report
 
 
@@ -346,6 +373,8 @@ def train_semples(cfg: CamTrainConfig, *, resume: bool = False, show_progress: b
     stage_c = replace(cfg, method="semples_c", out=str(out / "stage_c"),
                       guidance=replace(cfg.guidance, prompts_from=str(out / "stage_b")))
     report_c = train_cam(stage_c, resume=resume, show_progress=show_progress)
+    if not report_c:  # a torchrun process other than rank 0: rank 0 writes the run's files
+        return {}
     report = {**report_c, "method": "semples", "stage_a": {k: report_a[k] for k in ("cam_miou", "context_leak")},
               "prompt_class_similarity": report_b["prompt_class_similarity"],
               "text_features": report_b["text_features"]}
