@@ -296,3 +296,11 @@ def demo(out: Path, seed: int) -> None:
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
+
+
+# ----------------------------------------------------------------------------- device runtime (issue 6)
+
+from .runtime.cli import bench, build_engine, compare, infer  # noqa: E402  (kept last: registration only)
+
+for _command in (infer, bench, compare, build_engine):
+    main.add_command(_command)

@@ -55,6 +55,23 @@ def resize_to_fit(image_u8: np.ndarray, max_side: int) -> np.ndarray:
     return np.asarray(Image.fromarray(image_u8).resize(size, Image.BILINEAR))
 
 
+def fit_sides(image_u8: np.ndarray, min_side: int, max_side: int) -> np.ndarray:
+    """The host resize policy: downscale so the longer side is at most ``max_side``, then upscale
+    (bilinear, aspect kept) so the shorter side is at least ``min_side``; labels are resized back to
+    the original size afterwards. An aspect ratio that cannot fit both bounds is an error."""
+    height, width = image_u8.shape[:2]
+    image_u8 = resize_to_fit(image_u8, max_side)
+    h, w = image_u8.shape[:2]
+    if min(h, w) >= min_side:
+        return image_u8
+    scale = min_side / min(h, w)
+    size = (max(min_side, round(w * scale)), max(min_side, round(h * scale)))
+    if max(size) > max_side:
+        raise PromptsegError(f"image {width}x{height} (WxH): aspect ratio above {max_side // min_side}:1 | expected sides "
+                             f"that fit {min_side}..{max_side} after scaling")
+    return np.asarray(Image.fromarray(image_u8).resize(size, Image.BILINEAR))
+
+
 def resize_labels(labels: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
     """Nearest-neighbour resize of an ``H x W`` label map (ids must stay ids)."""
     if labels.shape == tuple(size_hw):

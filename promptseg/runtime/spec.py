@@ -21,6 +21,11 @@ OPSET = 17  # LayerNormalization exists from 17 and maps to TensorRT's normalisa
 
 DYNAMIC_DIMS = ("batch", "height", "width")
 
+# The range of the dynamic height/width an export is traced for and a device profile covers: the
+# runtime upscales smaller images and downscales larger ones into it, then resizes the labels back.
+MIN_SIDE = 16
+MAX_SIDE = 4096
+
 
 @dataclass(frozen=True)
 class TensorSpec:
