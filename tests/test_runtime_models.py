@@ -52,7 +52,7 @@ def tiny_segmenter(path: Path, precision: str = "fp32", class_names=CLASSES, see
     float16 between casts (as an AutoCast export would; ONNX Runtime's CPU provider may lack it).
     """
     weight, bias = _weights(len(class_names), seed)
-    conv_in, w_name, b_name, nodes, inits = "image", "W", "B", [], []
+    nodes, inits = [], []
     if precision == "int8":
         scale = float(np.abs(weight).max() / 127)
         inits += [numpy_helper.from_array(np.array(1 / 255, np.float32), "x_scale"),
@@ -64,8 +64,7 @@ def tiny_segmenter(path: Path, precision: str = "fp32", class_names=CLASSES, see
         nodes += [helper.make_node("QuantizeLinear", ["image", "x_scale", "x_zero"], ["xq"]),
                   helper.make_node("DequantizeLinear", ["xq", "x_scale", "x_zero"], ["xdq"]),
                   helper.make_node("DequantizeLinear", ["Wq", "w_scale", "w_zero"], ["W"])]
-        conv_in = "xdq"
-        nodes.append(helper.make_node("Conv", [conv_in, w_name, b_name], ["logits"], pads=[1, 1, 1, 1]))
+        nodes.append(helper.make_node("Conv", ["xdq", "W", "B"], ["logits"], pads=[1, 1, 1, 1]))
     elif precision == "fp16":
         inits += [numpy_helper.from_array(weight.astype(np.float16), "W"),
                   numpy_helper.from_array(bias.astype(np.float16), "B")]
@@ -76,7 +75,8 @@ def tiny_segmenter(path: Path, precision: str = "fp32", class_names=CLASSES, see
         inits += [numpy_helper.from_array(weight, "W"), numpy_helper.from_array(bias, "B")]
         nodes.append(helper.make_node("Conv", ["image", "W", "B"], ["logits"], pads=[1, 1, 1, 1]))
     nodes.append(helper.make_node("ArgMax", ["logits"], ["labels"], axis=1, keepdims=0))
-    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", len(class_names), "height", "width"]),
+    logits_shape = ["batch", len(class_names), "height", "width"]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, logits_shape),
                helper.make_tensor_value_info("labels", TensorProto.INT64, ["batch", "height", "width"])]
     return _save(nodes, inits, outputs, metadata("segmenter", class_names), path)
 

@@ -67,8 +67,8 @@ def fit_sides(image_u8: np.ndarray, min_side: int, max_side: int) -> np.ndarray:
     scale = min_side / min(h, w)
     size = (max(min_side, round(w * scale)), max(min_side, round(h * scale)))
     if max(size) > max_side:
-        raise PromptsegError(f"image {width}x{height} (WxH): aspect ratio above {max_side // min_side}:1 | expected sides "
-                             f"that fit {min_side}..{max_side} after scaling")
+        raise PromptsegError(f"image {width}x{height} (WxH): aspect ratio above {max_side // min_side}:1 | "
+                             f"expected sides that fit {min_side}..{max_side} after scaling")
     return np.asarray(Image.fromarray(image_u8).resize(size, Image.BILINEAR))
 
 
