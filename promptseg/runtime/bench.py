@@ -4,7 +4,8 @@ Each row runs in a fresh Python subprocess, so its cold start (imports + session
 and peak RSS are the device's, not polluted by the parent; inside it, every iteration is timed with
 ``perf_counter``: host pre-processing (stacking uint8 images into the float input), inference, and
 host post-processing (the palette PNGs of the labels) apart. Inputs are random images at the
-model's metadata ``input_size``. Percentiles are numpy's linear interpolation.
+model's metadata ``input_size``. Percentiles are numpy's linear interpolation. A TensorRT engine is
+built (or found in the cache) before its rows, so their cold start is a load, not a build.
 """
 
 from __future__ import annotations
@@ -134,13 +135,18 @@ def _child_env() -> dict[str, str]:
     return env
 
 
+def _row_options(cfg: BenchConfig, backend: str) -> BackendOptions:
+    if backend != "tensorrt":
+        return cfg.options
+    # one engine (one profile) serves every batch size of the run
+    return BackendOptions.from_json({**cfg.options.to_json(), "max_batch": max(cfg.batches)})
+
+
 def bench_row(model: str, backend: str, batch: int, cfg: BenchConfig) -> dict:
     """One model/backend/batch row, measured in a fresh subprocess."""
     from .precision import precision_of
 
-    options = cfg.options
-    if backend == "tensorrt":  # one engine (one profile) serves every batch size of the run
-        options = BackendOptions.from_json({**options.to_json(), "max_batch": max(cfg.batches)})
+    options = _row_options(cfg, backend)
     args = {"model": str(model), "backend": backend, "batch": batch, "warmup": cfg.warmup, "iters": cfg.iters,
             "options": options.to_json()}
     try:
@@ -163,6 +169,10 @@ def run_bench(cfg: BenchConfig, progress: Callable[[int], None] | None = None) -
     rows = []
     for model in cfg.models:
         for backend in cfg.backends:
+            if backend == "tensorrt" and Path(model).suffix == ".onnx":
+                from .backends.tensorrt import cached_engine
+
+                cached_engine(model, _row_options(cfg, backend))  # build here: a row's cold start loads it
             for batch in cfg.batches:
                 rows.append(bench_row(model, backend, batch, cfg))
                 if progress is not None:
@@ -171,11 +181,13 @@ def run_bench(cfg: BenchConfig, progress: Callable[[int], None] | None = None) -
 
 
 def host_info() -> dict:
+    """What the figures were measured on, including the load average at the end of the run."""
     import onnxruntime
 
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None  # other work on the machine skews the tails
     return {"machine": platform.machine(), "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "python": platform.python_version(), "numpy": np.__version__,
-            "onnxruntime": onnxruntime.__version__}
+            "cpu_count": os.cpu_count(), "load_average_1_5_15": load, "python": platform.python_version(),
+            "numpy": np.__version__, "onnxruntime": onnxruntime.__version__}
 
 
 _COLUMNS = (("model", "model", "{}"), ("backend", "backend", "{}"), ("precision", "prec", "{}"),
