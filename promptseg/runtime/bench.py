@@ -216,7 +216,10 @@ def plot_rows(rows: Sequence[dict], path) -> Path:
     from PIL import Image, ImageDraw, ImageFont
 
     font = ImageFont.load_default()
-    label_w, bar_w, row_h, top = 330, 440, 26, 34
+    labels = [f"{Path(r['model']).name} | {r['backend']} | {r['precision']} | batch {r['batch']}" for r in rows]
+    measure_text = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    label_w = 20 + int(max(measure_text.textlength(label, font=font) for label in labels))
+    bar_w, row_h, top = 440, 26, 34
     width, height = label_w + bar_w + 170, top + row_h * len(rows) + 24
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
@@ -225,8 +228,7 @@ def plot_rows(rows: Sequence[dict], path) -> Path:
     colours = {"fp32": (70, 110, 180), "fp16": (90, 160, 90), "int8": (210, 120, 40)}
     for k, row in enumerate(rows):
         y = top + k * row_h
-        label = f"{Path(row['model']).name} | {row['backend']} | {row['precision']} | batch {row['batch']}"
-        draw.text((10, y + 6), label[:52], fill="black", font=font)
+        draw.text((10, y + 6), labels[k], fill="black", font=font)
         x0 = label_w
         draw.rectangle([x0, y + 4, x0 + max(1, row["p50_ms"] * scale), y + row_h - 6],
                        fill=colours.get(row["precision"], (120, 120, 120)))
