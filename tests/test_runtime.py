@@ -227,3 +227,17 @@ def test_cam_models_run_but_infer_wants_a_segmenter(models, tmp_path):
         out = runner.infer({"image": _image(1, 16, 16)})
     assert out["cams"].shape == (1, 2, 16, 16) and out["scores"].shape == (1, 2)
     assert out["cams"].min() >= 0 and 0 < out["scores"].min() <= out["scores"].max() < 1
+
+
+def test_peak_rss_of_a_child_is_its_own_not_its_big_parents():
+    """ru_maxrss survives exec; the bench child must not report the parent's memory as its own."""
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    ballast = np.ones(300_000_000 // 8)  # 300 MB resident in this (parent) process
+    code = "from promptseg.runtime.bench import peak_rss_mb; print(peak_rss_mb())"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert float(done.stdout) < 200 and ballast.sum() > 0

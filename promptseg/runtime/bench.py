@@ -61,7 +61,19 @@ class BenchConfig:
 
 
 def peak_rss_mb() -> float | None:
-    """This process's peak resident set size in MiB (None where ``resource`` is missing)."""
+    """This process's peak resident set size in MiB (None where neither source exists).
+
+    Linux: ``VmHWM`` of /proc/self/status, the high-water mark of this program's own memory.
+    ``ru_maxrss`` is not used there: it survives exec, so a child forked from a big parent (a
+    pipeline with torch loaded) would report the parent's size.
+    """
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
     try:
         import resource
     except ImportError:
