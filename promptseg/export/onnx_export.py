@@ -14,11 +14,10 @@ import torch
 
 from ..errors import PromptsegError
 from ..io import write_bytes_atomic
-from ..runtime.spec import GraphSpec, ModelMetadata
+from ..runtime.spec import MAX_SIDE, MIN_SIDE, GraphSpec, ModelMetadata
 from .trt_ops import TENSORRT_MAX_OPSET, unsupported_ops
 
 OPSET = 18  # torch's exporter emits 18 natively (>= 17: LayerNormalization maps to TensorRT's layer)
-MAX_SIDE = 4096  # upper bound of the dynamic height/width the export traces for
 
 
 def export_onnx(module: torch.nn.Module, spec: GraphSpec, metadata: ModelMetadata, example: torch.Tensor,
@@ -28,8 +27,8 @@ def export_onnx(module: torch.nn.Module, spec: GraphSpec, metadata: ModelMetadat
 
     if metadata.kind != spec.kind:
         raise PromptsegError(f"metadata kind {metadata.kind!r} | expected {spec.kind!r}")
-    dims = {"batch": Dim("batch", min=1, max=1024), "height": Dim("height", min=16, max=MAX_SIDE),
-            "width": Dim("width", min=16, max=MAX_SIDE)}
+    dims = {"batch": Dim("batch", min=1, max=1024), "height": Dim("height", min=MIN_SIDE, max=MAX_SIDE),
+            "width": Dim("width", min=MIN_SIDE, max=MAX_SIDE)}
     dynamic = {t.name: {axis: dims[name] for axis, name in t.dynamic_axes.items()} for t in spec.inputs}
     module = module.eval()
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings(), \
