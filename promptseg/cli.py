@@ -304,3 +304,7 @@ from .runtime.cli import bench, build_engine, compare, infer  # noqa: E402  (kep
 
 for _command in (infer, bench, compare, build_engine):
     main.add_command(_command)
+
+from .calibration.cli import calibrate  # noqa: E402
+
+main.add_command(calibrate)

@@ -1,0 +1,12 @@
+"""INT8 calibration from real images: TensorRT-style QDQ, the fastest CPU model, and an accuracy gate.
+
+Public face: :class:`CalibrationConfig` (with :class:`Method`, :class:`Target`) and
+:func:`calibrate`; ``promptseg calibrate`` is the command line over them. Needs only the base
+install (onnx, onnxruntime with its ``quantization`` package), no torch.
+"""
+
+from .config import CPU_CANDIDATE_NAMES, CalibrationConfig, CpuCandidate, Method, Target
+from .run import CalibrationGateError, calibrate, output_name
+
+__all__ = ["CPU_CANDIDATE_NAMES", "CalibrationConfig", "CalibrationGateError", "CpuCandidate", "Method", "Target",
+           "calibrate", "output_name"]

@@ -1,0 +1,131 @@
+"""Options of ``promptseg calibrate``: enums and one frozen dataclass, validated before any work."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import ConfigError
+from ..runtime.spec import MAX_SIDE, MIN_SIDE
+
+
+class Method(str, enum.Enum):
+    """How activation ranges are taken from the calibration images."""
+
+    MINMAX = "minmax"  # observed min/max: with symmetric int8 this is TensorRT's "max" calibration
+    ENTROPY = "entropy"  # KL-divergence threshold (TensorRT's entropy calibrator)
+    PERCENTILE = "percentile"  # clip the histogram tails at ``percentile``
+
+
+class Target(str, enum.Enum):
+    """Who runs the INT8 model."""
+
+    TENSORRT = "tensorrt"  # explicit-quantization QDQ ONNX that TensorRT builds INT8 engines from
+    CPU = "cpu"  # whatever ONNX Runtime's CPU provider runs fastest here, FP32 included
+
+
+@dataclass(frozen=True)
+class CpuCandidate:
+    """One way of running the model on ONNX Runtime's CPU provider.
+
+    ``format``: ``fp32`` (the model as exported), ``qoperator`` (QLinearConv & co., ONNX Runtime
+    only) or ``qdq`` (QuantizeLinear/DequantizeLinear pairs that the CPU provider fuses).
+    ``activation``: ``u8`` (asymmetric uint8) or ``s8`` (symmetric int8); weights are always
+    symmetric per-channel int8. ``ops``: ``all`` (every op type ONNX Runtime can quantize) or
+    ``conv`` (Conv/MatMul/Gemm only, everything between them stays float).
+    """
+
+    name: str
+    format: str
+    activation: str | None = None
+    ops: str | None = None
+
+    @property
+    def is_fp32(self) -> bool:
+        return self.format == "fp32"
+
+
+CPU_CANDIDATES: tuple[CpuCandidate, ...] = (
+    CpuCandidate("fp32", "fp32"),
+    *(CpuCandidate(f"{short}-{act}-{ops}", fmt, act, ops)
+      for fmt, short in (("qoperator", "qop"), ("qdq", "qdq"))
+      for act in ("u8", "s8")
+      for ops in ("all", "conv")),
+)
+CPU_CANDIDATE_NAMES: tuple[str, ...] = tuple(c.name for c in CPU_CANDIDATES)
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """Everything one calibration run needs.
+
+    Calibration images come from ``data`` (a VOC-layout root, split ``split``) or from ``images``
+    (a folder of image files). The accuracy gate runs on held-out images: ``data``'s
+    ``gate_split`` when ``data`` is given (ground-truth masks, real mIoU), otherwise the images of
+    ``images`` not used for calibration (no masks: INT8 is scored against the FP32 labels). When
+    the calibration and gate splits are the same, the split is divided deterministically.
+    """
+
+    model: str
+    out: str
+    data: str | None = None
+    images: str | None = None
+    split: str = "train"
+    gate_split: str = "val"
+    num: int = 256  # calibration images
+    gate_num: int = 500  # at most this many held-out images for the gate
+    method: Method = Method.MINMAX
+    percentile: float = 99.999  # for Method.PERCENTILE
+    target: Target = Target.TENSORRT
+    max_drop: float = 1.0  # mIoU points INT8 may lose against FP32
+    threads: int = 2  # ONNX Runtime intra-op threads for calibration, the gate and the latency
+    batch: int = 16  # images per inference batch (same-size images only)
+    max_side: int = 1024  # the runtime's host resize: longer side at most this (aspect kept)
+    latency_batch: int = 8  # batch the CPU candidates are timed (and chosen) at
+    latency_runs: int = 20  # timed runs per candidate (median reported)
+    min_speedup: float = 1.05  # an INT8 CPU model must beat FP32 by this factor to replace it
+    cpu_candidates: tuple[str, ...] = field(default=CPU_CANDIDATE_NAMES)
+
+    def __post_init__(self) -> None:
+        # accept the CLI's strings; an unknown value is an error here, before anything runs
+        for name, enum_type in (("method", Method), ("target", Target)):
+            value = getattr(self, name)
+            try:
+                object.__setattr__(self, name, enum_type(value))
+            except ValueError:
+                choices = ", ".join(m.value for m in enum_type)
+                raise ConfigError(f"{name}: got {value!r} | expected one of {choices}") from None
+        object.__setattr__(self, "cpu_candidates", tuple(self.cpu_candidates))
+
+    def validate(self) -> None:
+        """Check values and paths; raise :class:`ConfigError` naming the option."""
+        if not self.data and not self.images:
+            raise ConfigError("calibration images: got neither data nor images | expected --data DIR or --images DIR")
+        if not Path(self.model).is_file():
+            raise ConfigError(f"model: {self.model} not found | expected an exported .onnx file")
+        for name in ("data", "images"):
+            value = getattr(self, name)
+            if value and not Path(value).is_dir():
+                raise ConfigError(f"{name}: {value} is not a directory")
+        for name in ("num", "gate_num", "threads", "batch", "latency_batch", "latency_runs"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: got {getattr(self, name)} | expected >= 1")
+        if not MIN_SIDE <= self.max_side <= MAX_SIDE:
+            raise ConfigError(f"max_side: got {self.max_side} | expected {MIN_SIDE}..{MAX_SIDE} (the graph's sides)")
+        if not self.max_drop >= 0:
+            raise ConfigError(f"max_drop: got {self.max_drop} | expected >= 0 mIoU points")
+        if not 50.0 < self.percentile <= 100.0:
+            raise ConfigError(f"percentile: got {self.percentile} | expected in (50, 100]")
+        if not self.min_speedup >= 1.0:
+            raise ConfigError(f"min_speedup: got {self.min_speedup} | expected >= 1.0")
+        unknown = [c for c in self.cpu_candidates if c not in CPU_CANDIDATE_NAMES]
+        if unknown or not self.cpu_candidates:
+            raise ConfigError(f"cpu_candidates: got {list(self.cpu_candidates)} | expected a non-empty subset of "
+                              f"{', '.join(CPU_CANDIDATE_NAMES)}")
+
+    @property
+    def candidates(self) -> tuple[CpuCandidate, ...]:
+        """The CPU candidates to try, FP32 always among them (it is what INT8 has to beat)."""
+        wanted = set(self.cpu_candidates) | {"fp32"}
+        return tuple(c for c in CPU_CANDIDATES if c.name in wanted)
