@@ -60,6 +60,66 @@ def _latency_inputs(gate: ImageBatches, size_hw: tuple[int, int], batch: int) ->
     return {1: np.ascontiguousarray(x[:1]), batch: x} if batch > 1 else {1: x}
 
 
+def _rows(built: dict[str, dict], scores: dict, latency: dict, cfg: CalibrationConfig, with_gt: bool) -> list[dict]:
+    """One report row per candidate: how it was built, its latency, its gate numbers."""
+    fp32 = scores["fp32"]
+    rows = []
+    for name, entry in built.items():
+        row = {"name": name, "format": entry["format"], "activation": entry["activation"], "ops": entry["ops"]}
+        if "error" in entry:
+            rows.append({**row, "error": entry["error"], "passed": False})
+            continue
+        score = scores[name]
+        drop = (fp32.miou - score.miou) if with_gt else 100.0 * (1.0 - score.label_agreement)
+        rows.append({**row,
+                     "latency_ms": round(latency[name][cfg.latency_batch]["median"], 3),
+                     "latency_ms_min": round(latency[name][cfg.latency_batch]["min"], 3),
+                     "latency_ms_batch1": round(latency[name][1]["median"], 3),
+                     "miou": None if score.miou is None else round(score.miou, 3),
+                     "miou_vs_fp32": round(score.miou_vs_fp32, 3),
+                     "label_agreement": round(score.label_agreement, 6),
+                     "miou_drop": round(drop, 3),
+                     "passed": bool(drop <= cfg.max_drop)})
+    return rows
+
+
+def _decide(rows: list[dict], cfg: CalibrationConfig) -> tuple[str | None, dict | None, str]:
+    """``(chosen name or None when the gate failed, the INT8 row the report quotes, a note)``; marks rows.
+
+    TensorRT: its one INT8 model, if it passed. CPU: the fastest INT8 candidate that passed, unless
+    it is not ``min_speedup`` times faster than FP32, in which case FP32 stays (and the note says so).
+    """
+    by_name = {r["name"]: r for r in rows}
+    int8_rows = [r for r in rows if r["name"] != "fp32" and "error" not in r]
+    int8_passed = [r for r in int8_rows if r["passed"]]
+    chosen, note = None, ""
+    if cfg.target is Target.TENSORRT:
+        best_int8 = by_name.get(TENSORRT_CANDIDATE)
+        chosen = TENSORRT_CANDIDATE if int8_passed else None
+    else:
+        # the fastest that passed; when none did, the closest to passing
+        best_int8 = min(int8_passed, key=lambda r: r["latency_ms"]) if int8_passed else \
+            min(int8_rows, key=lambda r: r["miou_drop"], default=None)
+        if int8_passed:
+            fp32_ms = by_name["fp32"]["latency_ms"]
+            if best_int8["latency_ms"] * cfg.min_speedup <= fp32_ms:
+                chosen = best_int8["name"]
+                note = (f"{chosen} is {fp32_ms / best_int8['latency_ms']:.2f}x faster than FP32 on this CPU "
+                        f"and within {cfg.max_drop} mIoU points")
+            else:
+                chosen = "fp32"
+                note = (f"INT8 cannot beat FP32 on this CPU: the fastest INT8 candidate that passed the gate "
+                        f"({best_int8['name']}, {best_int8['latency_ms']:.3f} ms/image) is not "
+                        f"{cfg.min_speedup}x faster than FP32 ({fp32_ms:.3f} ms/image); keeping FP32")
+    if chosen is None:
+        reason = "no INT8 candidate" if cfg.target is Target.CPU else "the INT8 model"
+        best = min((r["miou_drop"] for r in int8_rows), default=float("nan"))
+        note = f"{reason} stays within {cfg.max_drop} mIoU points of FP32 (best drop {best:.2f}); no model written"
+    for r in rows:
+        r["chosen"] = r["name"] == chosen
+    return chosen, best_int8, note
+
+
 def calibrate(cfg: CalibrationConfig, log: Callable[[str], None] | None = None) -> dict:
     """Run one calibration; return the report. Raises :class:`CalibrationGateError` after writing the
     report when no INT8 model stays within ``cfg.max_drop`` mIoU points of FP32."""
@@ -147,56 +207,9 @@ def calibrate(cfg: CalibrationConfig, log: Callable[[str], None] | None = None) 
         load_after = os.getloadavg()[0]
         timings["latency_s"] = time.perf_counter() - t
 
-        fp32_score = scores["fp32"]
-        rows = []
-        for name, entry in built.items():
-            row = {"name": name, "format": entry["format"], "activation": entry["activation"], "ops": entry["ops"]}
-            if "error" in entry:
-                rows.append({**row, "error": entry["error"], "passed": False})
-                continue
-            score = scores[name]
-            drop = (fp32_score.miou - score.miou) if with_gt else 100.0 * (1.0 - score.label_agreement)
-            row.update({
-                "latency_ms": round(latency[name][cfg.latency_batch]["median"], 3),
-                "latency_ms_min": round(latency[name][cfg.latency_batch]["min"], 3),
-                "latency_ms_batch1": round(latency[name][1]["median"], 3),
-                "miou": None if score.miou is None else round(score.miou, 3),
-                "miou_vs_fp32": round(score.miou_vs_fp32, 3),
-                "label_agreement": round(score.label_agreement, 6),
-                "miou_drop": round(drop, 3),
-                "passed": bool(drop <= cfg.max_drop),
-            })
-            rows.append(row)
-
-        by_name = {r["name"]: r for r in rows}
-        int8_passed = [r for r in rows if r["name"] != "fp32" and r["passed"]]
-        int8_rows = [r for r in rows if r["name"] != "fp32" and "error" not in r]
-        note = ""
-        if cfg.target is Target.TENSORRT:
-            best_int8 = by_name.get(TENSORRT_CANDIDATE)
-            chosen = TENSORRT_CANDIDATE if int8_passed else None
-        else:
-            pool = int8_passed or int8_rows
-            best_int8 = min(pool, key=lambda r: r["latency_ms"]) if pool else None
-            chosen = None
-            if int8_passed:
-                fp32_ms = by_name["fp32"]["latency_ms"]
-                if best_int8["latency_ms"] * cfg.min_speedup <= fp32_ms:
-                    chosen = best_int8["name"]
-                    note = (f"{chosen} is {fp32_ms / best_int8['latency_ms']:.2f}x faster than FP32 on this CPU "
-                            f"and within {cfg.max_drop} mIoU points")
-                else:
-                    chosen = "fp32"
-                    note = (f"INT8 cannot beat FP32 on this CPU: the fastest INT8 candidate that passed the gate "
-                            f"({best_int8['name']}, {best_int8['latency_ms']:.3f} ms/image) is not "
-                            f"{cfg.min_speedup}x faster than FP32 ({fp32_ms:.3f} ms/image); keeping FP32")
-        for r in rows:
-            r["chosen"] = r["name"] == chosen
+        rows = _rows(built, scores, latency, cfg, with_gt)
+        chosen, best_int8, note = _decide(rows, cfg)
         passed = chosen is not None
-        if not passed:
-            reason = "no INT8 candidate" if cfg.target is Target.CPU else "the INT8 model"
-            worst = f"best drop {min((r['miou_drop'] for r in int8_rows), default=float('nan')):.2f}"
-            note = f"{reason} stays within {cfg.max_drop} mIoU points of FP32 ({worst}); no model written"
 
         report = {
             "method": cfg.method.value,
@@ -218,7 +231,7 @@ def calibrate(cfg: CalibrationConfig, log: Callable[[str], None] | None = None) 
                             "and miou_int8 are null; miou_vs_fp32 per candidate is the mIoU of the INT8 labels "
                             "taking the FP32 labels as the target)"),
             "int8_candidate": None if best_int8 is None else best_int8["name"],
-            "miou_fp32": None if fp32_score.miou is None else round(fp32_score.miou, 3),
+            "miou_fp32": None if scores["fp32"].miou is None else round(scores["fp32"].miou, 3),
             "miou_int8": None if best_int8 is None else best_int8.get("miou"),
             "miou_drop": None if best_int8 is None else best_int8.get("miou_drop"),
             "label_agreement": None if best_int8 is None else best_int8.get("label_agreement"),
