@@ -53,7 +53,9 @@ _DATA_INPUT_ONLY = {"Resize", "Upsample", "Reshape", "Squeeze", "Unsqueeze"}  # 
 QOPERATOR_OPS = frozenset({"QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "DynamicQuantizeLinear",
                            "QLinearAdd", "QLinearMul", "QLinearSigmoid", "QLinearGlobalAveragePool",
                            "QLinearAveragePool", "QLinearConcat", "QLinearLeakyRelu", "QLinearSoftmax"})
-CALIBRATION_CHUNK = 8  # batches per collect_data call: histogram calibrators keep a chunk's tensors in memory
+# batches per collect_data call: min/max reduces inside the graph, but the histogram calibrators hold
+# every float tensor of a chunk in memory before binning it (about 1 GB per 16 images at 512x512)
+CALIBRATION_CHUNK = {Method.MINMAX: 8, Method.ENTROPY: 1, Method.PERCENTILE: 1}
 
 
 @contextlib.contextmanager
@@ -125,7 +127,7 @@ def compute_ranges(model_path: Path, images: ImageBatches, method: Method, perce
             chunk.append(batch)
             batches += 1
             count += len(next(iter(batch.values())))
-            if len(chunk) == CALIBRATION_CHUNK:
+            if len(chunk) == CALIBRATION_CHUNK[method]:
                 calibrator.collect_data(OrtReader(chunk))
                 chunk = []
         if chunk:
