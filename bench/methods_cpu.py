@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from promptseg.pipeline import CAM_METHODS, DemoConfig, run_demo
+from promptseg.pipeline import CAM_METHODS, PipelineConfig, run_pipeline
 
 RESULTS = Path(__file__).with_name("results")
 
@@ -30,7 +30,7 @@ def main() -> None:
     args = parser.parse_args()
     dirs = {int(k): v for k, v in (item.split("=", 1) for item in args.run)}
 
-    per_seed = {seed: run_demo(DemoConfig(out=dirs.get(seed, f"{args.runs}/demo_seed{seed}"), seed=seed))
+    per_seed = {seed: run_pipeline(PipelineConfig(out=dirs.get(seed, f"{args.runs}/demo_seed{seed}"), seed=seed))
                 for seed in args.seeds}
     mean = {m: {k: float(np.mean([per_seed[s]["methods"][m][k] for s in args.seeds]))
                 for k in ("cam_miou", "context_leak", "oracle_cam_miou")} for m in CAM_METHODS}

@@ -282,29 +282,53 @@ def export_cmd(run_dir: Path, out: Path | None, method: str, parity_images: int,
               help="Folder that receives everything of this run.")
 @click.option("--seed", default=0, show_default=True)
 def demo(out: Path, seed: int) -> None:
-    """Run the whole chain on the embedded synthetic world, on a CPU, in minutes.
+    """Run the whole chain on the embedded synthetic world, on a CPU, with nothing downloaded.
 
-    Synthetic world -> tiny CLIP -> CAMs of baseline, CLIMS, POLE, SemPLeS -> SemPLeS pseudo-masks
-    -> segmenter (and the same segmenter on ground truth) -> report.md and report.json.
-    Finished stages with an unchanged config are kept, so a rerun continues an interrupted demo.
+    Synthetic world -> tiny CLIP -> CAMs of baseline, CLIMS, POLE, SemPLeS -> pseudo-masks ->
+    segmenter on SemPLeS's pseudo-masks (and on ground truth, as the reference) -> ONNX export with
+    a parity gate -> INT8 for TensorRT and for this CPU with an accuracy gate -> latency bench ->
+    report.md, report.json and PNGs in OUT. Finished stages whose config and inputs are unchanged
+    are kept, so a rerun continues an interrupted demo.
     """
-    from .pipeline import DemoConfig, run_demo
+    from .pipeline import PipelineConfig, run_pipeline
 
-    run_demo(DemoConfig(out=str(out), seed=seed))
+    run_pipeline(PipelineConfig(out=str(out), seed=seed))
     click.echo((out / "report.md").read_text())
+
+
+@main.command()
+@click.argument("config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Override the config's `out`.")
+def pipeline(config_file: Path, out: Path | None) -> None:
+    """Run the train-then-export chain described by CONFIG_FILE (a JSON PipelineConfig).
+
+    Keys (all optional; the defaults are the demo): `data` (a VOC-layout root; null = the synthetic
+    world), `clip_model` + `clip_pretrained` (null = pretrain the tiny CLIP), `cam_config` (a JSON
+    CamTrainConfig used as every method's base, e.g. configs/voc_baseline.json), `methods`,
+    `seg_methods`, `ship_method`, epochs, `calibration_images`, `calibration_method`, `max_drop`,
+    `bench_batches`. Unknown keys are an error. Stages whose config and inputs are unchanged are kept.
+    """
+    from dataclasses import replace
+
+    from .configs import load_config
+    from .pipeline import PipelineConfig, run_pipeline
+
+    cfg = load_config(PipelineConfig, config_file)
+    if out is not None:
+        cfg = replace(cfg, out=str(out))
+    run_pipeline(cfg)
+    click.echo((Path(cfg.out) / "report.md").read_text())
+
+
+# ----------------------------------------------------------------------------- device side
+# The runtime and calibration commands live beside their code (torch-free); registered here.
+
+from .calibration.cli import calibrate  # noqa: E402
+from .runtime.cli import bench, build_engine, compare, infer  # noqa: E402
+
+for _command in (infer, bench, compare, build_engine, calibrate):
+    main.add_command(_command)
 
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
-
-
-# ----------------------------------------------------------------------------- device runtime (issue 6)
-
-from .runtime.cli import bench, build_engine, compare, infer  # noqa: E402  (kept last: registration only)
-
-for _command in (infer, bench, compare, build_engine):
-    main.add_command(_command)
-
-from .calibration.cli import calibrate  # noqa: E402
-
-main.add_command(calibrate)

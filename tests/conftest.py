@@ -37,22 +37,22 @@ def baseline_run(tiny_world, tmp_path_factory) -> Path:
     return out
 
 
+TINY_PIPELINE = dict(train_images=48, val_images=16, clip_images=32, clip_steps=2, baseline_epochs=1,
+                     method_epochs=1, seg_epochs=1, calibration_images=16, bench_batches=(1,), bench_iters=5,
+                     threads=1)
+
+
 @pytest.fixture(scope="session")
 def tiny_demo(tmp_path_factory) -> Path:
-    """A finished demo run at toy size (every stage, a few steps each) for export and later stages."""
-    from promptseg.pipeline import DemoConfig, run_demo
+    """A finished pipeline run at toy size (every stage, a few steps each), shared read-only."""
+    from promptseg.pipeline import PipelineConfig, run_pipeline
 
     out = tmp_path_factory.mktemp("tiny_demo")
-    run_demo(DemoConfig(out=str(out), train_images=48, val_images=16, clip_images=32, clip_steps=2,
-                        baseline_epochs=1, method_epochs=1, seg_epochs=1, threads=1), show_progress=False)
+    run_pipeline(PipelineConfig(out=str(out), **TINY_PIPELINE), show_progress=False)
     return out
 
 
 @pytest.fixture(scope="session")
 def tiny_export(tiny_demo) -> Path:
-    """``promptseg export`` of :func:`tiny_demo` (SemPLeS), done once."""
-    from promptseg.export import ExportConfig, export_run
-
-    out = tiny_demo / "export"
-    export_run(ExportConfig(run=str(tiny_demo), out=str(out), parity_images=16))
-    return out
+    """The export stage of :func:`tiny_demo` (SemPLeS)."""
+    return tiny_demo / "export"

@@ -2,35 +2,76 @@ from __future__ import annotations
 
 import json
 
-from promptseg.io import sha256_file
-from promptseg.pipeline import CAM_METHODS, DemoConfig, run_demo
-from promptseg.train.checkpoint import load_checkpoint, save_checkpoint
+import pytest
+from click.testing import CliRunner
+from conftest import TINY_PIPELINE
+from PIL import Image
+
+from promptseg.cli import main
+from promptseg.errors import ConfigError
+from promptseg.pipeline import CAM_METHODS, PipelineConfig, _stage, run_pipeline
 
 
-def test_demo_chain_writes_a_report_and_keeps_finished_stages(tmp_path):
-    cfg = DemoConfig(out=str(tmp_path / "demo"), train_images=48, val_images=16, clip_images=32, clip_steps=2,
-                     baseline_epochs=1, method_epochs=1, seg_epochs=1, threads=1)
-    report = run_demo(cfg, show_progress=False)
+def test_pipeline_report_holds_every_stage(tiny_demo):
+    report = json.loads((tiny_demo / "report.json").read_text())
     assert set(report["methods"]) == set(CAM_METHODS)
     for row in report["methods"].values():
         assert 0.0 <= row["cam_miou"] <= 100.0 and 0.0 <= row["context_leak"] <= 1.0
+        assert 0.0 <= row["pseudo_mask_miou"] <= 100.0
+    assert report["seg_val_miou"] == report["methods"]["semples"]["seg_val_miou"]
     assert "prompt_changed_share" in report["methods"]["pole"]
-    markdown = (tmp_path / "demo" / "report.md").read_text()
+    assert report["export"]["segmenter.onnx"]["parity"] == "passed"
+    assert set(report["calibration"]) == {"tensorrt", "cpu"}
+    assert {r["precision"] for r in report["bench"]} >= {"fp32"}
+    markdown = (tiny_demo / "report.md").read_text()
     for method in CAM_METHODS:
-        assert f"| {method} | {report['methods'][method]['cam_miou']:.1f} |" in markdown
-    assert json.loads((tmp_path / "demo" / "report.json").read_text())["seg_val_miou"] == report["seg_val_miou"]
+        row = report["methods"][method]
+        assert f"| {method} | {row['cam_miou']:.1f} | {row['context_leak']:.3f} | {row['pseudo_mask_miou']:.1f} |" \
+            in markdown
+    for picture in ("examples.png", "latency_vs_miou.png"):
+        with Image.open(tiny_demo / picture) as img:
+            assert img.width > 100 and img.height > 100
 
-    again = run_demo(cfg, show_progress=False)  # every stage is current: nothing retrains
-    assert again["methods"] == report["methods"]
-    assert again["timings_s"]["clip"] < 2 and again["timings_s"]["semples"] < 2
 
-    # a changed input (the SemPLeS network) reruns the stages that read it, and only those
-    net_path = tmp_path / "demo" / "semples" / "cam_net.pt"
-    state = load_checkpoint(net_path)
-    state["net"]["classifier.weight"] = -state["net"]["classifier.weight"]
-    save_checkpoint(net_path, state)
-    stamp = tmp_path / "demo" / "pseudo_semples" / "stage.json"
-    before = json.loads(stamp.read_text())["inputs"][str(net_path)]
-    third = run_demo(cfg, show_progress=False)
-    assert json.loads(stamp.read_text())["inputs"][str(net_path)] == sha256_file(net_path) != before
-    assert third["methods"] == report["methods"]
+def test_rerun_keeps_every_finished_stage(tiny_demo):
+    before = json.loads((tiny_demo / "report.json").read_text())
+    again = run_pipeline(PipelineConfig(out=str(tiny_demo), **TINY_PIPELINE), show_progress=False)
+    assert again["methods"] == before["methods"] and again["bench"] == before["bench"]
+    assert again["timings_s"] == before["timings_s"]  # the stages' own times, from when they ran
+    stamps = {p.parent.name: json.loads(p.read_text()) for p in tiny_demo.glob("*/stage.json")}
+    assert {"clip", "semples", "export", "int8_cpu", "bench"} <= set(stamps)
+    assert all(stamp["seconds"] == again["timings_s"][name] for name, stamp in stamps.items()
+               if name in again["timings_s"])
+
+
+def test_a_changed_input_reruns_the_stage(tmp_path):
+    source = tmp_path / "input.bin"
+    source.write_bytes(b"one")
+    calls = []
+
+    def run(resume):
+        calls.append(resume)
+        (tmp_path / "stage" / "report.json").write_text(json.dumps({"n": len(calls)}))
+        return {"n": len(calls)}
+
+    timings: dict = {}
+    config = PipelineConfig()
+    assert _stage("s", tmp_path / "stage", config, run, timings, (source,)) == {"n": 1}
+    assert _stage("s", tmp_path / "stage", config, run, timings, (source,)) == {"n": 1}  # kept
+    source.write_bytes(b"two")
+    assert _stage("s", tmp_path / "stage", config, run, timings, (source,)) == {"n": 2}  # input changed
+    (tmp_path / "stage" / "report.json").unlink()  # interrupted: same stamp, no report -> resume
+    assert _stage("s", tmp_path / "stage", config, run, timings, (source,)) == {"n": 3}
+    assert calls == [False, False, True]
+    assert "seconds" in json.loads((tmp_path / "stage" / "stage.json").read_text())
+
+
+def test_pipeline_config_is_checked_before_any_work(tmp_path):
+    with pytest.raises(ConfigError, match="ship_method"):
+        PipelineConfig(out=str(tmp_path), seg_methods=("clims",)).validate()
+    with pytest.raises(ConfigError, match="'baseline' first"):
+        PipelineConfig(methods=("clims",)).validate()
+    config = tmp_path / "p.json"
+    config.write_text(json.dumps({"out": str(tmp_path / "run"), "epochs_typo": 3}))
+    result = CliRunner().invoke(main, ["pipeline", str(config)])
+    assert result.exit_code == 1 and "unknown keys ['epochs_typo']" in result.output
