@@ -19,6 +19,7 @@ from ..data.palette import voc_palette
 from ..data.voc import VOCDataset
 from ..errors import ConfigError, PromptsegError
 from ..io import read_json, sha256_file, write_json_atomic, write_npy_atomic
+from ..runtime.processing import group_by_size
 from ..runtime.spec import CAM, SEGMENTER, ModelMetadata
 from .onnx_export import OPSET, export_onnx
 from .parity import ParityBounds, ParityError, check_parity
@@ -65,12 +66,8 @@ def load_segmenter(seg_run: Path):
 
 def parity_batches(data: str, split: str, limit: int, batch: int = 16) -> list[list[np.ndarray]]:
     """Up to ``limit`` real images of ``split``, in same-size batches."""
-    dataset = VOCDataset(data, split)
-    groups: dict[tuple[int, ...], list[np.ndarray]] = {}
-    for sample in list(dataset)[:limit]:
-        image = sample.load_image()
-        groups.setdefault(image.shape, []).append(image)
-    return [g[i:i + batch] for g in groups.values() for i in range(0, len(g), batch)]
+    images = [sample.load_image() for sample in list(VOCDataset(data, split))[:limit]]
+    return [[images[i] for i in group] for group in group_by_size([im.shape[:2] for im in images], batch)]
 
 
 def _metadata(kind: str, class_names, input_size: int, method: str, text_sha: str, extra: dict) -> ModelMetadata:
