@@ -16,9 +16,6 @@ from dataclasses import asdict, dataclass, field
 
 from ..errors import PromptsegError
 
-OPSET = 17  # LayerNormalization exists from 17 and maps to TensorRT's normalisation layer
-
-
 DYNAMIC_DIMS = ("batch", "height", "width")
 
 # The range of the dynamic height/width an export is traced for and a device profile covers: the
