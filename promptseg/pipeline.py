@@ -199,6 +199,9 @@ def run_pipeline(cfg: PipelineConfig, show_progress: bool = True) -> dict:
     seg_gt = _stage("seg_gt", out / "seg_gt", gt_cfg,
                     lambda resume: train_segmenter(gt_cfg, resume=resume, show_progress=show_progress), timings,
                     world)
+    for method in cfg.seg_methods:  # a segmenter run's report also names its ground-truth reference
+        seg_report = out / f"seg_{method}" / "report.json"
+        write_json_atomic(seg_report, {**read_json(seg_report), "seg_val_miou_gt_trained": seg_gt["seg_val_miou"]})
     ship = cfg.ship_method
     report.update({
         "methods": methods,

@@ -19,6 +19,12 @@ def test_pipeline_report_holds_every_stage(tiny_demo):
         assert 0.0 <= row["cam_miou"] <= 100.0 and 0.0 <= row["context_leak"] <= 1.0
         assert 0.0 <= row["pseudo_mask_miou"] <= 100.0
     assert report["seg_val_miou"] == report["methods"]["semples"]["seg_val_miou"]
+    seg_run = json.loads((tiny_demo / "seg_semples" / "report.json").read_text())
+    assert seg_run["method"] == "semples" and seg_run["seed"] == 0
+    assert seg_run["pseudo_mask_miou"] == report["pseudo_mask_miou"] == report["methods"]["semples"]["pseudo_mask_miou"]
+    assert seg_run["seg_val_miou_gt_trained"] == report["seg_val_miou_gt_trained"]
+    assert seg_run["cam_miou"] == report["methods"]["semples"]["cam_miou"]
+    assert 0.0 <= seg_run["pseudo_mask_context_leak"] <= 1.0
     assert "prompt_changed_share" in report["methods"]["pole"]
     assert report["export"]["segmenter.onnx"]["parity"] == "passed"
     assert set(report["calibration"]) == {"tensorrt", "cpu"}

@@ -24,7 +24,7 @@ from ..data.palette import IGNORE_INDEX
 from ..data.voc import VOCDataset
 from ..errors import ConfigError, DataError, PromptsegError
 from ..eval import ConfusionMatrix
-from ..io import atomic_write, write_json_atomic
+from ..io import atomic_write, read_json, write_json_atomic
 from .cams import imagenet_normalise
 from .checkpoint import capture_rng, check_resume_config, config_record, load_checkpoint, restore_rng, save_checkpoint
 
@@ -155,7 +155,14 @@ def train_segmenter(cfg: SegTrainConfig, *, resume: bool = False, show_progress:
                                            "class_names": list(train_set.class_names)})
     scores = evaluate_segmenter(model.eval(), val_set)
     _save_val_pictures(model, val_set, out / "val.png")
-    report = {"seed": cfg.seed, "trained_on": "ground truth" if cfg.masks is None else str(cfg.masks),
+    # the pseudo-masks' lineage (method, CAM and pseudo-mask scores) travels into this run's report
+    source = Path(cfg.masks) / "report.json" if cfg.masks else None
+    lineage = {}
+    if source is not None and source.is_file():
+        lineage = {k: v for k, v in read_json(source).items()
+                   if k in ("method", "cam_miou", "pseudo_mask_miou", "pseudo_mask_context_leak")}
+    report = {"method": "ground truth" if cfg.masks is None else lineage.pop("method", None), **lineage,
+              "seed": cfg.seed, "trained_on": "ground truth" if cfg.masks is None else str(cfg.masks),
               "train_seconds_this_session": round(time.perf_counter() - started, 1),
               "seg_val_miou": scores["miou"], "seg_val_per_class_iou": scores["per_class_iou"]}
     write_json_atomic(out / "report.json", report)
