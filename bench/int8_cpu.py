@@ -122,8 +122,8 @@ def render(result: dict) -> str:
         "# CPU INT8 vs FP32 ONNX vs PyTorch eager (demo segmenter, LR-ASPP MobileNetV3, internal 64x64)", "",
         f"{result['machine']}, {result['threads']} threads, onnxruntime {result['onnxruntime']}, torch "
         f"{result['torch']}; 1-min load average at start {result['load_average_at_start'][0]:.2f} on "
-        f"{result['cpu_count']} cores: a shared machine, busy with other work while this ran, so the backends run "
-        "interleaved and both the median and the fastest run are given.", "",
+        f"{result['cpu_count']} cores. The backends run interleaved, so load from elsewhere lands on all of them; "
+        "both the median and the fastest run are given.", "",
         *summary, "",
         f"CPU target chose **{result['cpu_target_choice']}**: {result['cpu_target_note']}", "",
         f"Accuracy on {result['gate_images']} val images (calibrated on {result['calibration_images']} train images, "

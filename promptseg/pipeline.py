@@ -276,6 +276,7 @@ def _pictures(out: Path, data_dir: Path, cfg: PipelineConfig, count: int = 6) ->
     import numpy as np
 
     from .data.images import load_mask
+    from .data.palette import IGNORE_INDEX
     from .data.voc import VOCDataset
     from .runtime.backends import open_runner
     from .runtime.processing import stack_batch
@@ -293,11 +294,10 @@ def _pictures(out: Path, data_dir: Path, cfg: PipelineConfig, count: int = 6) ->
         for sample, image in zip(samples, images, strict=True):
             cams = infer_cams(net, image[None], sample.labels[None], scales=(1.0,))[0]
             labels = runner.infer({"image": stack_batch([image])})["labels"][0]
-            gt = sample.load_mask()
-            rows.append([image, overlay_mask(image, np.where(gt == 255, 0, gt)),
+            gt, pseudo = sample.load_mask(), load_mask(out / f"pseudo_{ship}" / f"{sample.id}.png")
+            rows.append([image, overlay_mask(image, np.where(gt == IGNORE_INDEX, 0, gt)),
                          blend(image, heatmap(cams.max(0)), 0.6),
-                         overlay_mask(image, np.where((m := load_mask(out / f"pseudo_{ship}" / f"{sample.id}.png"))
-                                                      == 255, 0, m)),
+                         overlay_mask(image, np.where(pseudo == IGNORE_INDEX, 0, pseudo)),
                          overlay_mask(image, labels.astype(np.uint8))])
     picture = gallery(rows)
     atomic_write(out / "examples.png", lambda tmp: picture.save(tmp, format="PNG"))
