@@ -203,9 +203,10 @@ def train_seg_cmd(data_dir, out, masks, arch, input_size, epochs, batch_size, lr
 @click.argument("cam_run", type=click.Path(exists=True, file_okay=False))
 @click.option("--out", required=True, type=click.Path(file_okay=False))
 @click.option("--split", default="train", show_default=True)
-@click.option("--low", type=float, help="Background below this CAM value [default: the run's val-chosen threshold].")
+@click.option("--low", type=float, help="Background below this CAM value (with --crf: the CRF's background level) "
+              "[default: chosen on the run's val split].")
 @click.option("--high", type=float, help="Foreground from this value; between low and high is 255 (ignored).")
-@click.option("--crf", is_flag=True, help="Dense-CRF refinement (needs pydensecrf).")
+@click.option("--crf", is_flag=True, help="Dense-CRF refinement, CLIMS's settings (needs the crf extra).")
 @click.option("--scales", default="1.0,0.5,1.5,2.0", show_default=True, help="CAM inference scales.")
 def pseudo_masks_cmd(cam_run, out, split, low, high, crf, scales) -> None:
     """Turn a CAM run's multi-scale CAMs into pseudo-mask PNGs (VOC palette) and score them."""

@@ -10,6 +10,7 @@ from PIL import Image
 from promptseg.cli import main
 from promptseg.errors import ConfigError
 from promptseg.pipeline import CAM_METHODS, PipelineConfig, _stage, run_pipeline
+from promptseg.train.pseudo import crf_available
 
 
 def test_pipeline_report_holds_every_stage(tiny_demo):
@@ -26,6 +27,10 @@ def test_pipeline_report_holds_every_stage(tiny_demo):
     assert seg_run["cam_miou"] == report["methods"]["semples"]["cam_miou"]
     assert 0.0 <= seg_run["pseudo_mask_context_leak"] <= 1.0
     assert "prompt_changed_share" in report["methods"]["pole"]
+    assert report["pseudo_mask_crf"] is crf_available()  # the default "auto"
+    pseudo_run = json.loads((tiny_demo / "pseudo_semples" / "report.json").read_text())
+    assert pseudo_run["crf"] is crf_available()
+    assert pseudo_run["low"] == report["methods"]["semples"]["pseudo_mask_background"]
     assert report["export"]["segmenter.onnx"]["parity"] == "passed"
     assert set(report["calibration"]) == {"tensorrt", "cpu"}
     assert {r["precision"] for r in report["bench"]} >= {"fp32"}
@@ -77,6 +82,8 @@ def test_pipeline_config_is_checked_before_any_work(tmp_path):
         PipelineConfig(out=str(tmp_path), seg_methods=("clims",)).validate()
     with pytest.raises(ConfigError, match="'baseline' first"):
         PipelineConfig(methods=("clims",)).validate()
+    with pytest.raises(ConfigError, match="crf"):
+        PipelineConfig(crf="yes").validate()
     config = tmp_path / "p.json"
     config.write_text(json.dumps({"out": str(tmp_path / "run"), "epochs_typo": 3}))
     result = CliRunner().invoke(main, ["pipeline", str(config)])

@@ -9,6 +9,8 @@ from PIL import Image
 
 from promptseg.data.voc import VOCDataset
 from promptseg.errors import ConfigError, DataError, PromptsegError
+from promptseg.train import pseudo
+from promptseg.train.cams import cams_to_mask
 from promptseg.train.checkpoint import load_checkpoint
 from promptseg.train.pseudo import PseudoMaskConfig, make_pseudo_masks
 from promptseg.train.seg import Segmenter, SegTrainConfig, train_segmenter
@@ -43,17 +45,50 @@ def test_ignore_band_marks_uncertain_pixels(baseline_run, tmp_path):
         make_pseudo_masks(PseudoMaskConfig(cam_run=str(baseline_run), out=str(tmp_path), low=0.5, high=0.2))
 
 
-def test_crf_says_when_it_cannot_run(baseline_run, tmp_path):
-    try:
-        import pydensecrf  # noqa: F401
-    except ImportError:
-        with pytest.raises(PromptsegError, match="pydensecrf"):
-            make_pseudo_masks(PseudoMaskConfig(cam_run=str(baseline_run), out=str(tmp_path), crf=True,
-                                               cam_scales=(1.0,)), show_progress=False)
-    else:
-        report = make_pseudo_masks(PseudoMaskConfig(cam_run=str(baseline_run), out=str(tmp_path), crf=True,
-                                                    cam_scales=(1.0,)), show_progress=False)
-        assert report["crf"] is True
+def test_crf_says_when_it_cannot_run(baseline_run, tmp_path, monkeypatch):
+    monkeypatch.setattr(pseudo, "crf_available", lambda: False)
+    with pytest.raises(PromptsegError, match="pydensecrf"):
+        make_pseudo_masks(PseudoMaskConfig(cam_run=str(baseline_run), out=str(tmp_path), crf=True,
+                                           cam_scales=(1.0,)), show_progress=False)
+    assert not (tmp_path / "report.json").exists()
+
+
+needs_crf = pytest.mark.skipif(not pseudo.crf_available(), reason="pydensecrf not installed (the crf extra)")
+
+
+@needs_crf
+def test_crf_snaps_a_blurry_map_to_the_object_edges():
+    rng = np.random.default_rng(0)
+    image = np.clip(rng.normal([40, 140, 40], 12, (64, 64, 3)), 0, 255).astype(np.uint8)  # grass
+    image[20:36, 24:40] = (220, 30, 30)  # a red square
+    truth = np.zeros((64, 64), bool)
+    truth[20:36, 24:40] = True
+    yy, xx = np.mgrid[:64, :64]
+    blob = np.exp(-((yy - 24) ** 2 + (xx - 30) ** 2) / (2 * 11.0 ** 2)).astype(np.float32)  # off-centre, too wide
+    cams = np.stack([blob, np.zeros_like(blob)])
+
+    def iou(mask):
+        return (mask & truth).sum() / (mask | truth).sum()
+
+    thresholded = iou(cams_to_mask(cams, 0.5) == 1)
+    refined = pseudo.refine_with_crf(image, cams, 0.5)
+    assert set(np.unique(refined)) <= {0, 1}
+    assert iou(refined == 1) > 0.9 > thresholded + 0.2
+
+
+@needs_crf
+def test_crf_background_level_is_chosen_on_val(baseline_run, tmp_path):
+    report = make_pseudo_masks(PseudoMaskConfig(cam_run=str(baseline_run), out=str(tmp_path), crf=True,
+                                                cam_scales=(1.0,)), show_progress=False)
+    scores = {float(k): v for k, v in report["crf_val_miou"].items()}
+    coarse = {k: v for k, v in scores.items() if k in pseudo.CRF_BACKGROUND_LEVELS}
+    assert sorted(coarse) == list(pseudo.CRF_BACKGROUND_LEVELS)
+    best_coarse = max(coarse, key=coarse.get)
+    assert sorted(set(scores) - set(coarse)) == [l for l in (round(best_coarse - 0.05, 4), round(best_coarse + 0.05, 4))
+                                                  if 0 < l < 1]  # the fine pass: half a step either side
+    assert report["crf"] is True and report["low"] == max(scores, key=scores.get)
+    assert report["low_source"] == "best CRF level on val"
+    assert 0.0 <= report["pseudo_mask_miou"] <= 100.0
 
 
 def test_segmenter_shapes():

@@ -3,7 +3,9 @@
 A pseudo-mask pixel is background where the strongest class map is below ``low``, the argmax
 class where it reaches ``high``, and 255 (ignored by the segmenter's loss) in between. With
 ``low == high`` every pixel gets a label. Optional dense-CRF refinement uses ``pydensecrf``
-when it is installed (CLIMS's settings); promptseg never pretends it ran when it did not.
+(``pip install promptseg[crf]``, built from source) with CLIMS's pairwise settings; its background
+level is chosen on the held-out val split, never on the labels it is scored on. promptseg never
+pretends the CRF ran when it did not.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ class PseudoMaskConfig:
     cam_run: str  # a `promptseg train cam` run directory
     out: str
     split: str = "train"
-    low: float | None = None  # None: the run's background threshold (chosen on val)
+    low: float | None = None  # None: the run's background threshold, or with crf the best CRF level on val
     high: float | None = None  # None: same as low (no ignore band)
     cam_scales: tuple[float, ...] = (1.0, 0.5, 1.5, 2.0)
     crf: bool = False
@@ -54,15 +56,34 @@ def load_cam_run(run: str | Path) -> tuple[CamNet, dict, dict]:
     return net.eval(), config, report
 
 
+CRF_BACKGROUND_LEVELS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)  # searched on val for the CRF's background unary
+
+
+def crf_available() -> bool:
+    """Whether ``pydensecrf`` imports (the ``crf`` extra)."""
+    try:
+        import pydensecrf.densecrf  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _require_crf() -> None:
+    if not crf_available():
+        raise PromptsegError("dense CRF asked for, but pydensecrf is not installed "
+                             "(pip install 'promptseg[crf]'); rerun without --crf")
+
+
 def refine_with_crf(image: np.ndarray, cams: np.ndarray, low: float) -> np.ndarray:
     """Dense CRF over [background, classes] probabilities (CLIMS: gt_prob-free unary from the maps,
-    gaussian sxy 3 compat 3, bilateral sxy 50 srgb 5 compat 10, 10 iterations)."""
-    try:
-        import pydensecrf.densecrf as dcrf
-        from pydensecrf.utils import unary_from_softmax
-    except ImportError:
-        raise PromptsegError("dense CRF asked for, but pydensecrf is not installed "
-                             "(pip install pydensecrf2); rerun without --crf") from None
+    gaussian sxy 3 compat 3, bilateral sxy 50 srgb 5 compat 10, 10 iterations).
+
+    ``image``: ``H x W x 3`` uint8 RGB; ``cams``: ``C x H x W`` in 0..1; ``low``: the constant
+    background map. Returns ``H x W`` uint8 ids (0 = background)."""
+    _require_crf()
+    import pydensecrf.densecrf as dcrf
+    from pydensecrf.utils import unary_from_softmax
+
     height, width = image.shape[:2]
     probs = np.concatenate([np.full((1, height, width), low, np.float32), cams]) + 1e-5
     probs /= probs.sum(0, keepdims=True)
@@ -73,6 +94,41 @@ def refine_with_crf(image: np.ndarray, cams: np.ndarray, low: float) -> np.ndarr
     return np.argmax(np.array(crf.inference(10)).reshape(-1, height, width), 0).astype(np.uint8)
 
 
+def choose_crf_background(net: CamNet, dataset: VOCDataset, scales: tuple[float, ...],
+                          levels: tuple[float, ...] = CRF_BACKGROUND_LEVELS, batch_size: int = 64,
+                          show_progress: bool = False) -> dict:
+    """The CRF background level with the best mIoU on ``dataset`` (a held-out split with masks).
+
+    Coarse to fine: ``levels`` first, then half a step either side of the best of them (a
+    second pass over the split: CAMs of a real val split do not fit in memory).
+    Returns ``{"level": best, "val_miou": {level: mIoU}}``."""
+    scores = _crf_val_scores(net, dataset, scales, levels, batch_size, show_progress)
+    best = max(scores, key=scores.get)
+    half = float(min(np.diff(sorted(levels)), default=0.0)) / 2
+    finer = tuple(round(level, 4) for level in (best - half, best + half) if 0 < level < 1 and half > 0)
+    scores.update(_crf_val_scores(net, dataset, scales, finer, batch_size, show_progress) if finer else {})
+    best = max(scores, key=scores.get)
+    return {"level": best, "val_miou": {str(k): scores[k] for k in sorted(scores)}}
+
+
+def _crf_val_scores(net: CamNet, dataset: VOCDataset, scales: tuple[float, ...], levels: tuple[float, ...],
+                    batch_size: int, show_progress: bool) -> dict[float, float]:
+    from tqdm import tqdm
+
+    from .cam_train import same_size_chunks
+
+    matrices = {level: ConfusionMatrix(dataset.num_classes + 1) for level in levels}
+    for chunk in tqdm(list(same_size_chunks(dataset, batch_size)), desc=f"CRF levels {list(levels)} on val",
+                      disable=not show_progress):
+        images = np.stack([s.load_image() for s in chunk])
+        cams = infer_cams(net, images, np.stack([s.labels for s in chunk]), scales)
+        for sample, image, sample_cams in zip(chunk, images, cams, strict=True):
+            gt = sample.load_mask()
+            for level in levels:
+                matrices[level].update(refine_with_crf(image, sample_cams, level), gt)
+    return {level: 100 * m.miou() for level, m in matrices.items()}
+
+
 def make_pseudo_masks(cfg: PseudoMaskConfig, *, show_progress: bool = True) -> dict:
     """Write ``out/<id>.png`` for every image of ``cfg.split`` and ``out/report.json``."""
     from tqdm import tqdm
@@ -81,9 +137,16 @@ def make_pseudo_masks(cfg: PseudoMaskConfig, *, show_progress: bool = True) -> d
 
     cfg.validate()
     net, run_config, run_report = load_cam_run(cfg.cam_run)
-    low = cfg.low if cfg.low is not None else float(run_report["background_threshold"])
-    high = cfg.high if cfg.high is not None else low
     dataset = VOCDataset(run_config["data"], cfg.split)
+    low, low_source, crf_choice = cfg.low, "given", None
+    if low is None and cfg.crf and run_config.get("val_split"):
+        _require_crf()
+        crf_choice = choose_crf_background(net, VOCDataset(run_config["data"], run_config["val_split"]),
+                                           cfg.cam_scales, batch_size=cfg.batch_size, show_progress=show_progress)
+        low, low_source = crf_choice["level"], f"best CRF level on {run_config['val_split']}"
+    elif low is None:
+        low, low_source = float(run_report["background_threshold"]), "the CAM run's threshold"
+    high = cfg.high if cfg.high is not None else low
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     matrix = ConfusionMatrix(dataset.num_classes + 1)
@@ -117,7 +180,8 @@ def make_pseudo_masks(cfg: PseudoMaskConfig, *, show_progress: bool = True) -> d
         "method": run_report.get("method"),
         "seed": run_report.get("seed"),
         "cam_run": str(cfg.cam_run),
-        "low": low, "high": high, "crf": cfg.crf,
+        "low": low, "high": high, "low_source": low_source, "crf": cfg.crf,
+        **({"crf_val_miou": crf_choice["val_miou"]} if crf_choice else {}),
         "cam_miou": run_report.get("cam_miou"),
         "pseudo_mask_miou": 100 * matrix.miou() if has_gt else None,
         "pseudo_mask_context_leak": float(leak.overall()) if has_gt and has_context else None,
