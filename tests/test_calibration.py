@@ -282,3 +282,29 @@ def test_gate_fails_when_calibrated_on_the_wrong_images(tiny_world, calib_model,
                                        "--num", "8", "--gate-num", "16", "--latency-runs", "2", "--out", str(out)])
     assert result.exit_code == 1, result.output
     assert "Error: accuracy gate failed" in result.output and "tensorrt-qdq-s8" in result.output
+
+
+def test_latency_times_each_model_in_blocks_and_keeps_its_better_block():
+    from promptseg.calibration.gate import measure_latency
+
+    calls: list[str] = []
+
+    class Slow:  # a session whose run takes `seconds`, the first block 10x longer (a burst of load)
+        def __init__(self, name, seconds):
+            self.name, self.seconds, self.runs = name, seconds, 0
+
+        def run(self, _, feed):
+            import time
+
+            calls.append(self.name)
+            self.runs += 1
+            time.sleep(self.seconds * (10 if self.runs <= 5 else 1))
+
+    sessions = {"a": Slow("a", 0.01), "b": Slow("b", 0.03)}
+    x = np.zeros((2, 3, 4, 4), np.float32)
+    result = measure_latency(sessions, {2: x}, runs=4, warmup=1)
+    assert calls == ["a"] * 5 + ["b"] * 5 + ["b"] * 5 + ["a"] * 5  # blocks, then the reverse order
+    for name, seconds in (("a", 0.01), ("b", 0.03)):
+        per_image_ms = 1000 * seconds / 2
+        assert per_image_ms <= result[name][2]["median"] < 3 * per_image_ms  # the unloaded block wins
+        assert result[name][2]["min"] <= result[name][2]["median"]

@@ -199,7 +199,7 @@ def calibrate(cfg: CalibrationConfig, log: Callable[[str], None] | None = None) 
         scores = evaluate(sessions, gate, num_classes, input_name=input_name, labels_name=labels_name)
         timings["gate_s"] = time.perf_counter() - t
 
-        say(f"latency: {cfg.latency_runs} interleaved runs per model, {cfg.threads} threads")
+        say(f"latency: 2 blocks of {cfg.latency_runs} runs per model, {cfg.threads} threads")
         t = time.perf_counter()
         inputs = _latency_inputs(gate, meta.input_size, cfg.latency_batch)
         load_before = os.getloadavg()[0]
