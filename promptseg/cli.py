@@ -285,11 +285,11 @@ def export_cmd(run_dir: Path, out: Path | None, method: str, parity_images: int,
 def demo(out: Path, seed: int) -> None:
     """Run the whole chain on the embedded synthetic world, on a CPU, with nothing downloaded.
 
-    Synthetic world -> tiny CLIP -> CAMs of baseline, CLIMS, POLE, SemPLeS -> pseudo-masks ->
-    segmenter on SemPLeS's pseudo-masks (and on ground truth, as the reference) -> ONNX export with
-    a parity gate -> INT8 for TensorRT and for this CPU with an accuracy gate -> latency bench ->
-    report.md, report.json and PNGs in OUT. Finished stages whose config and inputs are unchanged
-    are kept, so a rerun continues an interrupted demo.
+    Synthetic world -> tiny CLIP -> CAMs of baseline, CLIMS, POLE, SemPLeS -> pseudo-masks (dense
+    CRF when the crf extra is installed) -> segmenter on SemPLeS's pseudo-masks (and on ground
+    truth, as the reference) -> ONNX export with a parity gate -> INT8 for TensorRT and for this
+    CPU with an accuracy gate -> latency bench -> report.md, report.json and PNGs in OUT. Finished
+    stages whose config and inputs are unchanged are kept, so a rerun continues an interrupted demo.
     """
     from .pipeline import PipelineConfig, run_pipeline
 
