@@ -35,6 +35,10 @@ def test_pseudo_masks_cover_the_split(pseudo_dir, tiny_world, baseline_run):
     run = json.loads((baseline_run / "report.json").read_text())
     assert report["low"] == run["background_threshold"] and report["method"] == "baseline"
     assert 0.0 <= report["pseudo_mask_miou"] <= 100.0 and report["ignored_share"] == 0.0
+    per_class = report["pseudo_mask_per_class_iou"]
+    assert list(per_class) == ["background", *VOCDataset(tiny_world, "train").class_names]
+    present = [v for v in per_class.values() if v is not None]
+    assert abs(sum(present) / len(present) - report["pseudo_mask_miou"]) < 1e-9
 
 
 def test_ignore_band_marks_uncertain_pixels(baseline_run, tmp_path):
