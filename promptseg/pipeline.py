@@ -156,6 +156,7 @@ def run_pipeline(cfg: PipelineConfig, show_progress: bool = True) -> dict:
                              lambda resume: train_clip(clip_cfg, resume=resume, show_progress=show_progress),
                              timings, world)
         report["clip_zero_shot_map"] = clip_report["clip_zero_shot_map"]
+        report["clip_object_over_context"] = clip_report.get("clip_object_over_context")
         clip_pretrained, clip_inputs = str(out / "clip"), (out / "clip" / "clip.pt",)
     else:
         clip_pretrained, clip_inputs = cfg.clip_pretrained, ()
@@ -345,6 +346,10 @@ def render_markdown(report: dict) -> str:
     lines = [f"# promptseg run (seed {report['seed']})", ""]
     if "clip_zero_shot_map" in report:
         lines += [f"Tiny CLIP zero-shot multi-label mAP (val): {report['clip_zero_shot_map']:.3f}", ""]
+    if report.get("clip_object_over_context"):
+        shares = ", ".join(f"{name} {share:.0%}" for name, share in report["clip_object_over_context"].items())
+        lines += [f"Tiny CLIP prefers the object alone to its context alone (val pairs): {shares}. Where it prefers "
+                  "the context, the CLIP-guided losses pull CAMs onto it.", ""]
     lines += ["## Methods", "",
               "| method | CAM mIoU (train) | context leak | pseudo-mask mIoU (train) | segmenter val mIoU | "
               "oracle CAM mIoU |", "| --- | ---: | ---: | ---: | ---: | ---: |"]

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import open_clip
 import pytest
 import torch
@@ -99,3 +100,26 @@ def test_bad_captions_are_named(tmp_path):
 def test_corpus_is_the_clip_split_when_present(tiny_world):
     corpus = pretraining_corpus(tiny_world)
     assert corpus and all(r.split == "clip" and r.id.startswith("web_") for r in corpus)
+
+
+def test_object_over_context_pairs_each_object_with_its_own_context(tiny_world, trained, monkeypatch):
+    from promptseg.data.voc import VOCDataset
+
+    dataset = VOCDataset(tiny_world, "val")
+    assert set(trained[1]["clip_object_over_context"]) <= set(dataset.class_names)
+
+    def scores_by_area(model, tokenizer, images, names):  # a "CLIP" that likes whatever is bigger
+        return np.repeat((images.max(-1) > 0).sum((1, 2))[:, None], len(names), 1).astype(np.float32)
+
+    monkeypatch.setattr(clip_mod, "zero_shot_scores", scores_by_area)
+    expected: dict[str, list[bool]] = {}
+    for sample in dataset:
+        image, mask, context = sample.load_image(), sample.load_mask(), sample.load_context()
+        for k in np.flatnonzero(sample.labels):
+            obj, ctx = mask == k + 1, context == k + 1
+            if obj.sum() >= 20 and ctx.sum() >= 20:  # pixels black in the image itself do not count
+                expected.setdefault(dataset.class_names[k], []).append(
+                    (image[obj].max(-1) > 0).sum() > (image[ctx].max(-1) > 0).sum())
+    shares = clip_mod.object_over_context(None, None, dataset)
+    assert shares == pytest.approx({name: float(np.mean(v)) for name, v in expected.items()})
+    assert set(shares) == set(expected) and len(expected) >= 3

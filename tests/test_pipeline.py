@@ -35,6 +35,9 @@ def test_pipeline_report_holds_every_stage(tiny_demo):
     assert set(report["calibration"]) == {"tensorrt", "cpu"}
     assert {r["precision"] for r in report["bench"]} >= {"fp32"}
     markdown = (tiny_demo / "report.md").read_text()
+    clip_run = json.loads((tiny_demo / "clip" / "report.json").read_text())
+    assert report["clip_object_over_context"] == clip_run["clip_object_over_context"]
+    assert "prefers the object alone to its context alone" in markdown
     for method in CAM_METHODS:
         row = report["methods"][method]
         assert f"| {method} | {row['cam_miou']:.1f} | {row['context_leak']:.3f} | {row['pseudo_mask_miou']:.1f} |" \

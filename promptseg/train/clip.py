@@ -119,6 +119,33 @@ def zero_shot_map(model, tokenizer, dataset: VOCDataset) -> tuple[float, dict[st
     return float(np.mean(list(per_class.values()))), per_class
 
 
+def object_over_context(model, tokenizer, dataset: VOCDataset, min_pixels: int = 20) -> dict[str, float] | None:
+    """Per class, the share of (image, class) pairs where CLIP finds the object alone (image x its
+    mask) more like ``a photo of a {class}.`` than the class's context alone (image x context mask).
+
+    The CLIP-guided CAM losses trust this ranking: where a CLIP prefers the context (a real CLIP
+    does not prefer the sky to the plane), they pull CAMs onto it. None without context masks.
+    """
+    objects, contexts, classes = [], [], []
+    for sample in dataset:
+        if sample.context_path is None or sample.mask_path is None:
+            return None
+        image, mask, context = sample.load_image(), sample.load_mask(), sample.load_context()
+        for k in np.flatnonzero(sample.labels):
+            on_object, on_context = mask == k + 1, context == k + 1
+            if on_object.sum() >= min_pixels and on_context.sum() >= min_pixels:
+                objects.append(image * on_object[..., None])
+                contexts.append(image * on_context[..., None])
+                classes.append(k)
+    if not classes:
+        return None
+    names, classes = list(dataset.class_names), np.asarray(classes)
+    on_objects = zero_shot_scores(model, tokenizer, np.stack(objects), names)[np.arange(len(classes)), classes]
+    on_contexts = zero_shot_scores(model, tokenizer, np.stack(contexts), names)[np.arange(len(classes)), classes]
+    return {name: float(np.mean(on_objects[classes == k] > on_contexts[classes == k]))
+            for k, name in enumerate(names) if np.any(classes == k)}
+
+
 # ----------------------------------------------------------------------------- pretraining
 
 
@@ -313,6 +340,7 @@ def train_clip(cfg: ClipTrainConfig, *, resume: bool = False, show_progress: boo
         "final_loss": float(np.mean(losses[-20:])) if losses else None,
         "clip_zero_shot_map": mean_ap,
         "clip_zero_shot_ap": per_class,
+        "clip_object_over_context": object_over_context(model, tokenizer, val_set),
         "checkpoint": str(out / CHECKPOINT_NAME),
     }
     write_json_atomic(out / "report.json", report)
