@@ -75,18 +75,21 @@ class ConfusionMatrix:
         total = self.matrix.sum()
         return float(np.trace(self.matrix) / total) if total else float("nan")
 
-    def summary(self, class_names: Sequence[str]) -> dict:
-        """JSON-ready metrics; absent classes map to None. ``class_names`` includes background."""
+    def summary(self, class_names: Sequence[str], percent: bool = False) -> dict:
+        """JSON-ready metrics (fractions, or 0..100 with ``percent``); absent classes map to None.
+        ``class_names`` includes background."""
         if len(class_names) != self.num_classes:
             raise PromptsegError(
                 f"class_names: got {len(class_names)} names | expected {self.num_classes} (background included)"
             )
+        scale = 100.0 if percent else 1.0
         ious = self.iou()
         return {
-            "miou": self.miou(),
-            "pixel_accuracy": self.pixel_accuracy(),
+            "miou": scale * self.miou(),
+            "pixel_accuracy": scale * self.pixel_accuracy(),
             "per_class_iou": {
-                str(name): (None if np.isnan(v) else float(v)) for name, v in zip(class_names, ious, strict=True)
+                str(name): (None if np.isnan(v) else scale * float(v))
+                for name, v in zip(class_names, ious, strict=True)
             },
         }
 

@@ -184,9 +184,8 @@ def make_pseudo_masks(cfg: PseudoMaskConfig, *, show_progress: bool = True) -> d
         **({"crf_val_miou": crf_choice["val_miou"]} if crf_choice else {}),
         "cam_miou": run_report.get("cam_miou"),
         "pseudo_mask_miou": 100 * matrix.miou() if has_gt else None,
-        "pseudo_mask_per_class_iou": ({k: None if v is None else 100 * v for k, v in
-                                       matrix.summary(("background", *dataset.class_names))["per_class_iou"].items()}
-                                      if has_gt else None),
+        "pseudo_mask_per_class_iou": (matrix.summary(("background", *dataset.class_names), percent=True)
+                                      ["per_class_iou"] if has_gt else None),
         "pseudo_mask_context_leak": float(leak.overall()) if has_gt and has_context else None,
         "ignored_share": ignored / max(total, 1),
         "images": len(dataset),

@@ -180,9 +180,8 @@ def evaluate_segmenter(model: Segmenter, dataset: VOCDataset, batch_size: int = 
         labels = model(imagenet_normalise(x)).argmax(1).numpy()
         for sample, pred in zip(chunk, labels, strict=True):
             matrix.update(pred, sample.load_mask())
-    summary = matrix.summary(("background", *dataset.class_names))
-    return {"miou": 100 * summary["miou"],
-            "per_class_iou": {k: None if v is None else 100 * v for k, v in summary["per_class_iou"].items()}}
+    summary = matrix.summary(("background", *dataset.class_names), percent=True)
+    return {"miou": summary["miou"], "per_class_iou": summary["per_class_iou"]}
 
 
 @torch.no_grad()
