@@ -13,6 +13,8 @@ from promptseg.train.clip import (
     TINY_CLIP,
     ClipSpec,
     ClipTrainConfig,
+    clip_normalize,
+    masked_to_mean,
     pretraining_corpus,
     read_captions,
     train_clip,
@@ -108,8 +110,13 @@ def test_object_over_context_pairs_each_object_with_its_own_context(tiny_world, 
     dataset = VOCDataset(tiny_world, "val")
     assert set(trained[1]["clip_object_over_context"]) <= set(dataset.class_names)
 
+    fill = np.round(np.asarray(open_clip.OPENAI_DATASET_MEAN) * 255).astype(np.uint8)
+
+    def kept(pixels):  # pixels that masking left (those of the fill colour in the image itself do not count)
+        return (pixels != fill).any(-1).sum()
+
     def scores_by_area(model, tokenizer, images, names):  # a "CLIP" that likes whatever is bigger
-        return np.repeat((images.max(-1) > 0).sum((1, 2))[:, None], len(names), 1).astype(np.float32)
+        return np.repeat(np.array([kept(i) for i in images])[:, None], len(names), 1).astype(np.float32)
 
     monkeypatch.setattr(clip_mod, "zero_shot_scores", scores_by_area)
     expected: dict[str, list[bool]] = {}
@@ -117,9 +124,19 @@ def test_object_over_context_pairs_each_object_with_its_own_context(tiny_world, 
         image, mask, context = sample.load_image(), sample.load_mask(), sample.load_context()
         for k in np.flatnonzero(sample.labels):
             obj, ctx = mask == k + 1, context == k + 1
-            if obj.sum() >= 20 and ctx.sum() >= 20:  # pixels black in the image itself do not count
-                expected.setdefault(dataset.class_names[k], []).append(
-                    (image[obj].max(-1) > 0).sum() > (image[ctx].max(-1) > 0).sum())
+            if obj.sum() >= 20 and ctx.sum() >= 20:
+                expected.setdefault(dataset.class_names[k], []).append(kept(image[obj]) > kept(image[ctx]))
     shares = clip_mod.object_over_context(None, None, dataset)
     assert shares == pytest.approx({name: float(np.mean(v)) for name, v in expected.items()})
     assert set(shares) == set(expected) and len(expected) >= 3
+
+
+def test_masked_to_mean_is_zero_after_clip_normalisation():
+    image = np.full((4, 4, 3), 200, np.uint8)
+    keep = np.zeros((4, 4), bool)
+    keep[1:3, 1:3] = True
+    x = clip_normalize(torch.from_numpy(masked_to_mean(image, keep)).permute(2, 0, 1)[None].float() / 255, 4)
+    assert x[0, :, 1:3, 1:3].min() > 1.0  # kept pixels unchanged (200/255 is above the mean)
+    outside = x[0].permute(1, 2, 0)[torch.from_numpy(~keep)]
+    assert outside.abs().max() < 0.01  # masked pixels sit at CLIP's mean: what P * normalise(X) gives at P = 0
+

@@ -119,9 +119,16 @@ def zero_shot_map(model, tokenizer, dataset: VOCDataset) -> tuple[float, dict[st
     return float(np.mean(list(per_class.values()))), per_class
 
 
+def masked_to_mean(image_u8: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """``image`` with the pixels outside ``keep`` set to CLIP's mean colour: what the CAM methods'
+    ``P * normalise(X)`` shows CLIP where P is 0 (zero after normalisation is the mean colour)."""
+    mean = np.round(np.asarray(open_clip.OPENAI_DATASET_MEAN) * 255).astype(np.uint8)
+    return np.where(keep[..., None], image_u8, mean)
+
+
 def object_over_context(model, tokenizer, dataset: VOCDataset, min_pixels: int = 20) -> dict[str, float] | None:
-    """Per class, the share of (image, class) pairs where CLIP finds the object alone (image x its
-    mask) more like ``a photo of a {class}.`` than the class's context alone (image x context mask).
+    """Per class, the share of (image, class) pairs where CLIP finds the object alone (image masked
+    to the object) more like ``a photo of a {class}.`` than the class's context alone.
 
     The CLIP-guided CAM losses trust this ranking: where a CLIP prefers the context (a real CLIP
     does not prefer the sky to the plane), they pull CAMs onto it. None without context masks.
@@ -134,8 +141,8 @@ def object_over_context(model, tokenizer, dataset: VOCDataset, min_pixels: int =
         for k in np.flatnonzero(sample.labels):
             on_object, on_context = mask == k + 1, context == k + 1
             if on_object.sum() >= min_pixels and on_context.sum() >= min_pixels:
-                objects.append(image * on_object[..., None])
-                contexts.append(image * on_context[..., None])
+                objects.append(masked_to_mean(image, on_object))
+                contexts.append(masked_to_mean(image, on_context))
                 classes.append(k)
     if not classes:
         return None
