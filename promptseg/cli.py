@@ -118,6 +118,10 @@ def train_clip_cmd(data_dir, out, model, steps, batch_size, lr, seed, threads, r
 @click.option("--clip", "clip_pretrained", help="CLIP weights: a `promptseg train clip` run, a file or a tag.")
 @click.option("--clip-model", default=None, help="open_clip model name [default: promptseg-tiny-clip].")
 @click.option("--init-from", help="Baseline run (or cam_net.pt) that the CLIP-guided methods start from.")
+@click.option("--split", help="Image list to train on, ImageSets/Segmentation/SPLIT.txt [default: train]. A split "
+              "without masks (the world's `clip` web images) trains a backbone for --backbone.")
+@click.option("--backbone", type=click.Path(exists=True, dir_okay=False),
+              help="Initial trunk weights: a torchvision ResNet state dict (ImageNet) or another run's cam_net.pt.")
 @click.option("--epochs", type=int)
 @click.option("--batch-size", type=int)
 @click.option("--lr", type=float)
@@ -131,9 +135,9 @@ def train_clip_cmd(data_dir, out, model, steps, batch_size, lr, seed, threads, r
 @click.option("--amp/--no-amp", default=None, help="bf16 autocast (fp16 on GPUs without bf16).")
 @click.option("--channels-last/--no-channels-last", default=None, help="NHWC memory format (faster convs on GPU).")
 @click.option("--resume", is_flag=True, help="Continue the run directory's last checkpoint.")
-def train_cam_cmd(method, data_dir, out, config_file, clip_pretrained, clip_model, init_from, epochs, batch_size,
-                  lr, seed, threads, cbs_threshold, background_words, candidates, device, amp, channels_last,
-                  resume) -> None:
+def train_cam_cmd(method, data_dir, out, config_file, clip_pretrained, clip_model, init_from, split, backbone, epochs,
+                  batch_size, lr, seed, threads, cbs_threshold, background_words, candidates, device, amp,
+                  channels_last, resume) -> None:
     """Train a CAM network and score its CAMs (mIoU, context leak) into OUT/report.json.
 
     The background threshold of `cam_miou` is chosen on the val split; numbers that looked at the
@@ -153,11 +157,13 @@ def train_cam_cmd(method, data_dir, out, config_file, clip_pretrained, clip_mode
         cfg = CamTrainConfig(data=data_dir, out=out)
     else:
         raise click.UsageError("give --data and --out, or --config")
-    changes = {k: v for k, v in {"data": data_dir, "out": out, "method": method, "epochs": epochs,
+    changes = {k: v for k, v in {"data": data_dir, "out": out, "method": method, "split": split, "epochs": epochs,
                                   "batch_size": batch_size, "lr": lr, "seed": seed, "threads": threads,
                                   "device": device, "amp": amp, "channels_last": channels_last}.items()
                if v is not None}
     cfg = replace(cfg, **changes)
+    if backbone:
+        cfg = replace(cfg, net=replace(cfg.net, pretrained=backbone))
     if cfg.method != "baseline":
         guide = {k: v for k, v in {"clip_pretrained": clip_pretrained, "clip_model": clip_model,
                                     "init_from": init_from, "candidates": candidates}.items() if v is not None}
@@ -169,6 +175,10 @@ def train_cam_cmd(method, data_dir, out, config_file, clip_pretrained, clip_mode
         cfg = replace(cfg, guidance=replace(base, **guide))
     report = train_cam(cfg, resume=resume)
     if not report:  # a torchrun process other than rank 0
+        return
+    if "cam_miou" not in report:  # a split without masks
+        click.echo(f"{cfg.method}: trained on {cfg.split} (no masks to score there); val CAM mIoU "
+                   f"{report.get('val_cam_miou', float('nan')):.1f}  ({cfg.out}/cam_net.pt)")
         return
     click.echo(f"{cfg.method}: CAM mIoU {report['cam_miou']:.1f} (threshold {report['background_threshold']}, "
                f"{report['background_threshold_source']}), context leak {report['context_leak']}, "
@@ -208,12 +218,13 @@ def train_seg_cmd(data_dir, out, masks, arch, input_size, epochs, batch_size, lr
 @click.option("--high", type=float, help="Foreground from this value; between low and high is 255 (ignored).")
 @click.option("--crf", is_flag=True, help="Dense-CRF refinement, CLIMS's settings (needs the crf extra).")
 @click.option("--scales", default="1.0,0.5,1.5,2.0", show_default=True, help="CAM inference scales.")
-def pseudo_masks_cmd(cam_run, out, split, low, high, crf, scales) -> None:
+@click.option("--workers", default=2, show_default=True, help="Processes running the CRF (one per core).")
+def pseudo_masks_cmd(cam_run, out, split, low, high, crf, scales, workers) -> None:
     """Turn a CAM run's multi-scale CAMs into pseudo-mask PNGs (VOC palette) and score them."""
     from .train.pseudo import PseudoMaskConfig, make_pseudo_masks
 
     cfg = PseudoMaskConfig(cam_run=cam_run, out=out, split=split, low=low, high=high, crf=crf,
-                           cam_scales=_scales(scales))
+                           cam_scales=_scales(scales), workers=workers)
     report = make_pseudo_masks(cfg)
     miou = report["pseudo_mask_miou"]
     click.echo(f"wrote {report['images']} masks to {out}" + (f"; pseudo-mask mIoU {miou:.1f}" if miou is not None

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .errors import ConfigError, PromptsegError
 from .io import atomic_write, read_json, sha256_file, write_json_atomic, write_text_atomic
-from .train.clip import TINY_CLIP
+from .train.clip import TINY_CLIP, ClipSpec
 
 CAM_METHODS = ("baseline", "clims", "pole", "semples")
 
@@ -43,6 +43,10 @@ class PipelineConfig:
     # CAM stages: a JSON CamTrainConfig as the base of every method (net, crop, ...), or the demo's
     cam_config: str | None = None
     methods: tuple[str, ...] = CAM_METHODS
+    # CAM backbone: first trained on this labelled split when the data has it (the synthetic world's
+    # web images, weak class-context co-occurrence: the stand-in for the references' ImageNet weights)
+    pretrain_split: str | None = "clip"
+    pretrain_epochs: int = 8
     baseline_epochs: int = 8
     method_epochs: int = 5  # 3 left CLIMS undertrained (seed 0: 32.5 at 3, 38.2 at 5)
     method_lr: float = 1e-4  # 2e-4 made CLIMS unstable (seed 0: 29.8 or 35.9 by thread count)
@@ -111,16 +115,26 @@ TINY_CLIP_SETTINGS = {"clims": {"cbs_threshold": None}, "pole": {"cbs_threshold"
                       "semples": {"w_prompt_text": 0.2, "prompt_epochs": 4}}
 
 
+def method_guidance(cfg: PipelineConfig, method: str, clip_pretrained: str, baseline_run: str):
+    """A CLIP-guided method's settings: METHODS.md's, with the tiny CLIP's caption wording and
+    settings whenever the CLIP is the tiny one (pretrained by this run or given)."""
+    from .train.config import default_guidance
+
+    tiny = cfg.clip_model == TINY_CLIP
+    return default_guidance(method, clip_model=cfg.clip_model, clip_pretrained=clip_pretrained, init_from=baseline_run,
+                            **(TINY_CLIP_WORDS if tiny else {}), **(TINY_CLIP_SETTINGS[method] if tiny else {}))
+
+
 def run_pipeline(cfg: PipelineConfig, show_progress: bool = True) -> dict:
     """Every stage in order, each kept when current; returns (and writes) the run's report.
 
     Raises :class:`PromptsegError` at the end, after the report is written, when the INT8 gate failed.
     """
     from .configs import load_config
-    from .data.synth import SynthConfig, write_world
+    from .data.synth import WORLD_FORMAT, SynthConfig, write_world
     from .train.cam_train import train_cam
     from .train.clip import ClipTrainConfig, train_clip
-    from .train.config import CamTrainConfig, default_guidance
+    from .train.config import CamTrainConfig
     from .train.pseudo import PseudoMaskConfig, crf_available, make_pseudo_masks
     from .train.seg import SegTrainConfig, train_segmenter
 
@@ -136,7 +150,8 @@ def run_pipeline(cfg: PipelineConfig, show_progress: bool = True) -> dict:
         synth = SynthConfig(seed=cfg.seed, train=cfg.train_images, val=cfg.val_images, size=cfg.image_size,
                             clip_images=cfg.clip_images)
         classes = data_dir / "classes.json"
-        if not (classes.is_file() and read_json(classes).get("synth_config") == asdict(synth)):
+        written = read_json(classes) if classes.is_file() else {}
+        if written.get("synth_config") != asdict(synth) or written.get("world_format") != WORLD_FORMAT:
             write_world(data_dir, synth)
             write_json_atomic(out / "data_seconds.json", {"seconds": round(time.perf_counter() - started, 1)})
         world: tuple[Path, ...] = (data_dir / "classes.json",)
@@ -148,8 +163,7 @@ def run_pipeline(cfg: PipelineConfig, show_progress: bool = True) -> dict:
     timings["data"] = read_json(seconds)["seconds"] if seconds.is_file() else round(time.perf_counter() - started, 1)
 
     report: dict = {"seed": cfg.seed}
-    tiny = cfg.clip_pretrained is None
-    if tiny:
+    if cfg.clip_pretrained is None:
         clip_cfg = ClipTrainConfig(data=str(data_dir), out=str(out / "clip"), steps=cfg.clip_steps, seed=cfg.seed,
                                    threads=cfg.threads)
         clip_report = _stage("clip", out / "clip", clip_cfg,
@@ -158,24 +172,34 @@ def run_pipeline(cfg: PipelineConfig, show_progress: bool = True) -> dict:
         report["clip_zero_shot_map"] = clip_report["clip_zero_shot_map"]
         report["clip_object_over_context"] = clip_report.get("clip_object_over_context")
         clip_pretrained, clip_inputs = str(out / "clip"), (out / "clip" / "clip.pt",)
-    else:
-        clip_pretrained, clip_inputs = cfg.clip_pretrained, ()
+    else:  # a given CLIP: its weights file (when it is one) is an input of the CAM stages
+        clip_pretrained = cfg.clip_pretrained
+        weights = ClipSpec(cfg.clip_model, clip_pretrained).resolve_checkpoint()
+        clip_inputs = (Path(weights),) if weights and Path(weights).is_file() else ()
 
     base = load_config(CamTrainConfig, cfg.cam_config) if cfg.cam_config else CamTrainConfig(
         data="", out="", cam_scales=(1.0,))
     base = replace(base, data=str(data_dir), out=str(out / "baseline"), method="baseline", split=cfg.train_split,
                    val_split=cfg.val_split, epochs=cfg.baseline_epochs, seed=cfg.seed, threads=cfg.threads,
                    guidance=None)
+    pretrain_list = data_dir / "ImageSets" / "Segmentation" / f"{cfg.pretrain_split}.txt"
+    backbone: tuple[Path, ...] = ()
+    if cfg.pretrain_split and pretrain_list.is_file():  # the backbone's stand-in for ImageNet weights
+        pretrain = replace(base, out=str(out / "pretrain"), split=cfg.pretrain_split, epochs=cfg.pretrain_epochs)
+        _stage("pretrain", out / "pretrain", pretrain,
+               lambda resume: train_cam(pretrain, resume=resume, show_progress=show_progress), timings,
+               (*world, pretrain_list))
+        base = replace(base, net=replace(base.net, pretrained=str(out / "pretrain" / "cam_net.pt")))
+        backbone = (out / "pretrain" / "cam_net.pt",)
+    report["cam_backbone"] = (f"pretrained on the {cfg.pretrain_split} split" if backbone
+                              else base.net.pretrained or "random initialisation")
     reports: dict[str, dict] = {}
     reports["baseline"] = _stage("baseline", out / "baseline", base,
                                  lambda resume: train_cam(base, resume=resume, show_progress=show_progress), timings,
-                                 world)
-    words = {"clip_model": cfg.clip_model, "clip_pretrained": clip_pretrained, "init_from": str(out / "baseline"),
-             **(TINY_CLIP_WORDS if tiny else {})}
+                                 (*world, *backbone))
     for method in cfg.methods[1:]:
-        extra = TINY_CLIP_SETTINGS[method] if tiny else {}
-        method_cfg = replace(base, method=method, out=str(out / method), epochs=cfg.method_epochs,
-                             lr=cfg.method_lr, guidance=default_guidance(method, **words, **extra))
+        method_cfg = replace(base, method=method, out=str(out / method), epochs=cfg.method_epochs, lr=cfg.method_lr,
+                             guidance=method_guidance(cfg, method, clip_pretrained, str(out / "baseline")))
         reports[method] = _stage(method, out / method, method_cfg,
                                  lambda resume, c=method_cfg: train_cam(c, resume=resume, show_progress=show_progress),
                                  timings, (*world, *clip_inputs, out / "baseline" / "cam_net.pt"))
@@ -187,7 +211,7 @@ def run_pipeline(cfg: PipelineConfig, show_progress: bool = True) -> dict:
     use_crf = cfg.crf == "on" or (cfg.crf == "auto" and crf_available())
     for method in cfg.methods:
         pseudo_cfg = PseudoMaskConfig(cam_run=str(out / method), out=str(out / f"pseudo_{method}"),
-                                      split=cfg.train_split, crf=use_crf)
+                                      split=cfg.train_split, crf=use_crf, workers=cfg.threads)
         pseudo = _stage(f"pseudo_{method}", out / f"pseudo_{method}", pseudo_cfg,
                         lambda _, c=pseudo_cfg: make_pseudo_masks(c, show_progress=show_progress), timings,
                         (out / method / "cam_net.pt",))
@@ -350,6 +374,8 @@ def render_markdown(report: dict) -> str:
         shares = ", ".join(f"{name} {share:.0%}" for name, share in report["clip_object_over_context"].items())
         lines += [f"Tiny CLIP prefers the object alone to its context alone (val pairs): {shares}. Where it prefers "
                   "the context, the CLIP-guided losses pull CAMs onto it.", ""]
+    if report.get("cam_backbone"):
+        lines += [f"CAM network backbone: {report['cam_backbone']}.", ""]
     lines += ["## Methods", "",
               "| method | CAM mIoU (train) | context leak | pseudo-mask mIoU (train) | segmenter val mIoU | "
               "oracle CAM mIoU |", "| --- | ---: | ---: | ---: | ---: | ---: |"]

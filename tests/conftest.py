@@ -37,7 +37,7 @@ def baseline_run(tiny_world, tmp_path_factory) -> Path:
     return out
 
 
-TINY_PIPELINE = dict(train_images=48, val_images=16, clip_images=32, clip_steps=2, baseline_epochs=1,
+TINY_PIPELINE = dict(train_images=48, val_images=16, clip_images=32, clip_steps=2, pretrain_epochs=1, baseline_epochs=1,
                      method_epochs=1, seg_epochs=1, calibration_images=16, bench_batches=(1,), bench_iters=5,
                      threads=1)
 

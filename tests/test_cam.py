@@ -36,6 +36,18 @@ def test_cam_net_config_errors(kwargs, match):
         CamNetConfig(**kwargs).validate()
 
 
+def test_cam_net_starts_from_another_runs_trunk(tmp_path):
+    donor = CamNet(CamNetConfig(), num_classes=3)
+    torch.save({"net": donor.state_dict(), "num_classes": 3}, tmp_path / "cam_net.pt")  # a CAM run's checkpoint
+    net = CamNet(CamNetConfig(pretrained=str(tmp_path / "cam_net.pt")), num_classes=5)
+    for name, value in donor.state_dict().items():
+        if not name.startswith("classifier."):
+            assert torch.equal(net.state_dict()[name], value), name
+    assert net.classifier.weight.shape == (5, 256, 1, 1)  # a new classifier for this run's classes
+    with pytest.raises(ConfigError, match="another shape"):
+        CamNet(CamNetConfig(stages=2, output_stride=8, pretrained=str(tmp_path / "cam_net.pt")), num_classes=3)
+
+
 def test_infer_cams_keeps_only_labelled_classes():
     torch.manual_seed(0)
     net = CamNet(CamNetConfig(), num_classes=3).eval()

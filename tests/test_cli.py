@@ -25,12 +25,14 @@ def test_help_lists_the_stages_that_exist():
 
 def test_data_synth_writes_a_readable_world(tmp_path):
     out = tmp_path / "w"
-    result = CliRunner().invoke(main, ["data", "synth", str(out), "--seed", "2", "--train", "8", "--val", "4"])
+    result = CliRunner().invoke(main, ["data", "synth", str(out), "--seed", "2", "--train", "8", "--val", "4",
+                                       "--clip-images", "5"])
     assert result.exit_code == 0, result.output
     ds = VOCDataset(out, "val")
     assert len(ds) == 4 and ds[0].load_mask().shape == (64, 64)
     labels = np.load(out / "cls_labels.npy", allow_pickle=True).item()
-    assert len(labels) == 12 and all(v.dtype == np.float32 and v.shape == (6,) for v in labels.values())
+    assert len(VOCDataset(out, "clip")) == 5  # the web images: labels, no masks
+    assert len(labels) == 8 + 4 + 5 and all(v.dtype == np.float32 and v.shape == (6,) for v in labels.values())
 
 
 def test_bad_input_is_a_clean_error_not_a_traceback(tmp_path):

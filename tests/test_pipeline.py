@@ -9,7 +9,7 @@ from PIL import Image
 
 from promptseg.cli import main
 from promptseg.errors import ConfigError
-from promptseg.pipeline import CAM_METHODS, PipelineConfig, _stage, run_pipeline
+from promptseg.pipeline import CAM_METHODS, PipelineConfig, _stage, method_guidance, run_pipeline
 from promptseg.train.pseudo import crf_available
 
 
@@ -31,6 +31,11 @@ def test_pipeline_report_holds_every_stage(tiny_demo):
     pseudo_run = json.loads((tiny_demo / "pseudo_semples" / "report.json").read_text())
     assert pseudo_run["crf"] is crf_available()
     assert pseudo_run["low"] == report["methods"]["semples"]["pseudo_mask_background"]
+    assert report["cam_backbone"] == "pretrained on the clip split"  # the world's web images
+    pretrain = json.loads((tiny_demo / "pretrain" / "config.json").read_text())
+    baseline = json.loads((tiny_demo / "baseline" / "config.json").read_text())
+    assert pretrain["split"] == "clip" and baseline["net"]["pretrained"] == str(tiny_demo / "pretrain" / "cam_net.pt")
+    assert "CAM network backbone: pretrained on the clip split." in (tiny_demo / "report.md").read_text()
     assert report["export"]["segmenter.onnx"]["parity"] == "passed"
     assert set(report["calibration"]) == {"tensorrt", "cpu"}
     assert {r["precision"] for r in report["bench"]} >= {"fp32"}
@@ -91,3 +96,11 @@ def test_pipeline_config_is_checked_before_any_work(tmp_path):
     config.write_text(json.dumps({"out": str(tmp_path / "run"), "epochs_typo": 3}))
     result = CliRunner().invoke(main, ["pipeline", str(config)])
     assert result.exit_code == 1 and "unknown keys ['epochs_typo']" in result.output
+
+
+def test_a_given_tiny_clip_keeps_the_tiny_clip_wording():
+    given = method_guidance(PipelineConfig(clip_pretrained="runs/clip"), "clims", "runs/clip", "runs/demo/baseline")
+    assert given.clip_pretrained == "runs/clip" and given.init_from == "runs/demo/baseline"
+    assert given.class_template == "a photo of a {}." and given.cbs_threshold is None  # the tiny CLIP's
+    real = method_guidance(PipelineConfig(clip_model="ViT-B-32", clip_pretrained="openai"), "clims", "openai", "b")
+    assert real.class_template == "a photo of {}." and real.cbs_threshold == 0.26  # METHODS.md's

@@ -24,11 +24,24 @@ def test_same_seed_gives_byte_identical_files(tmp_path):
     b = write_world(tmp_path / "b", SynthConfig(seed=7, train=20, val=6))
     files_a, files_b = _label_files(a), _label_files(b)
     assert [f.relative_to(a) for f in files_a] == [f.relative_to(b) for f in files_b]
-    assert len(files_a) == 3 + 2 * 26 + 2
+    assert len(files_a) == 3 + 2 * 26 + 3  # train, val and clip lists
     for fa, fb in zip(files_a, files_b, strict=False):
         assert fa.read_bytes() == fb.read_bytes(), fa.name
     c = write_world(tmp_path / "c", SynthConfig(seed=8, train=20, val=6))
     assert (c / "cls_labels.npy").read_bytes() != (a / "cls_labels.npy").read_bytes()
+
+
+def test_web_images_are_a_labelled_split_without_masks(tiny_world):
+    web = VOCDataset(tiny_world, "clip")
+    assert len(web) == 64 and not web.has_masks and VOCDataset(tiny_world, "train").has_masks
+    captions = {json.loads(line)["id"]: json.loads(line) for line in
+                (tiny_world / "captions.jsonl").read_text().splitlines()}
+    synonyms = json.loads((tiny_world / "classes.json").read_text())["variants"]
+    for sample in web:
+        assert sample.mask_path is None and sample.id.startswith("web_")
+        named = {name for name, words in synonyms.items() for region in captions[sample.id]["regions"]
+                 for word in words if region["captions"][0] == f"a photo of a {word}."}
+        assert named == {web.class_names[k] for k in np.flatnonzero(sample.labels)}  # labels = objects drawn
 
 
 def test_voc_reader_reads_the_world(tiny_world):

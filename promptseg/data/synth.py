@@ -31,6 +31,7 @@ from .images import mask_to_png_image
 from .palette import IGNORE_INDEX
 
 Array = np.ndarray
+WORLD_FORMAT = 2  # 2: the web images have labels and a split list (CAM backbone pretraining)
 
 
 @dataclass(frozen=True)
@@ -427,6 +428,7 @@ def classes_json(cfg: SynthConfig) -> dict:
         "contexts": {c.name: c.context for c in WORLD_CLASSES},
         "variants": {c.name: list(c.variants) for c in WORLD_CLASSES},
         "synth_config": cfg.__dict__,
+        "world_format": WORLD_FORMAT,
     }
 
 
@@ -435,7 +437,10 @@ def write_world(out: str | Path, cfg: SynthConfig, progress: Callable[[int], Non
 
     Files: JPEGImages/*.jpg, SegmentationClass/*.png (VOC palette, 255 borders),
     ContextMasks/*.png, ImageSets/Segmentation/{train,val}.txt, cls_labels.npy (dict id ->
-    float32[C], string keys), classes.json, captions.jsonl, objects.jsonl.
+    float32[C], string keys), classes.json, captions.jsonl, objects.jsonl. The web images
+    (``clip`` split: ImageSets/Segmentation/clip.txt, labels in cls_labels.npy, no masks) stand in
+    for web-scale data: CLIP pretrains on their captions and the CAM backbone on their labels, as
+    the references start from a CLIP trained on the web and ImageNet weights.
     """
     from .voc import save_cls_labels
 
@@ -446,7 +451,7 @@ def write_world(out: str | Path, cfg: SynthConfig, progress: Callable[[int], Non
     rng = np.random.default_rng(cfg.seed)
     labels: dict[str, np.ndarray] = {}
     captions, objects = [], []
-    splits = {"train": [], "val": []}
+    splits = {"train": [], "val": [], "clip": []}
     index = 0
     for split, count in (("train", cfg.train), ("val", cfg.val)):
         for _ in range(count):
@@ -462,15 +467,18 @@ def write_world(out: str | Path, cfg: SynthConfig, progress: Callable[[int], Non
             splits[split].append(image_id)
             if progress is not None:
                 progress(1)
-    for i in range(cfg.clip_images):  # CLIP corpus: images and captions only, in no segmentation list
+    for i in range(cfg.clip_images):  # the web stand-in: captions for CLIP, image labels for the CAM backbone
         image_id = f"web_{i:06d}"
         sample = generate_image(rng, cfg, web=True)
         _save_jpeg(out / "JPEGImages" / f"{image_id}.jpg", sample.image, cfg.jpeg_quality)
         captions.append(_caption_row(image_id, "clip", sample))
+        labels[image_id] = sample.labels
+        splits["clip"].append(image_id)
         if progress is not None:
             progress(1)
     for split, ids in splits.items():
-        write_text_atomic(out / "ImageSets" / "Segmentation" / f"{split}.txt", "\n".join(ids) + "\n")
+        if ids:
+            write_text_atomic(out / "ImageSets" / "Segmentation" / f"{split}.txt", "\n".join(ids) + "\n")
     save_cls_labels(out / "cls_labels.npy", labels)
     write_text_atomic(out / "captions.jsonl", "\n".join(captions) + "\n")
     write_text_atomic(out / "objects.jsonl", "\n".join(objects) + "\n")

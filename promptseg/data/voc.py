@@ -253,6 +253,11 @@ class VOCDataset(Sequence):
         self.label_source = self._label_source(labels)
         self._labels: list[np.ndarray | None] = self._read_labels()
 
+    @property
+    def has_masks(self) -> bool:
+        """Whether every image of the split has a mask (a classification-only split has none)."""
+        return all(path is not None for path in self._mask_paths)
+
     # -- construction helpers
 
     def _list_path(self, list_file: str | os.PathLike | None) -> Path:

@@ -3,6 +3,8 @@
 ``resnet50`` with output stride 16 is the paper configuration (ImageNet weights from a local
 file when given). The CPU default for the 64 px synthetic world is ``resnet18`` cut after its
 third stage at output stride 8: an 8 x 8 CAM for a 64 px image, at a cost two cores can train.
+Its stand-in for ImageNet weights is a CAM run on the world's web split (``cam_net.pt``): the
+trunk of such a run can initialise another network of the same shape.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ class CamNetConfig:
     arch: str = "resnet18"
     stages: int = 3  # residual stages kept (layer1..layerN); 4 = the whole trunk
     output_stride: int = 8  # 4, 8, 16 or 32: stages past it run at stride 1 (no dilation, as CLIMS)
-    pretrained: str | None = None  # local torchvision state-dict file (no downloads)
+    pretrained: str | None = None  # local torchvision state dict, or a CAM run's cam_net.pt (trunk only)
 
     def validate(self) -> None:
         if self.arch not in ARCHS:
@@ -43,8 +45,8 @@ class CamNet(nn.Module):
         super().__init__()
         cfg.validate()
         resnet = getattr(torchvision.models, cfg.arch)(weights=None)
-        if cfg.pretrained:
-            state = torch.load(cfg.pretrained, map_location="cpu", weights_only=True)
+        state = torch.load(cfg.pretrained, map_location="cpu", weights_only=True) if cfg.pretrained else None
+        if state is not None and "net" not in state:  # torchvision's layout (ImageNet weights)
             resnet.load_state_dict(state)
         layers = [resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4][: cfg.stages]
         stride = 4
@@ -60,6 +62,17 @@ class CamNet(nn.Module):
         self.classifier = nn.Conv2d(channels, num_classes, kernel_size=1, bias=False)
         self.output_stride = cfg.output_stride
         self.num_classes = num_classes
+        if state is not None and "net" in state:
+            self._load_trunk(state["net"], cfg.pretrained)
+
+    def _load_trunk(self, weights: dict, source: str) -> None:
+        """Stem and trunk from another CAM network's weights; the classifier stays new."""
+        trunk = {k: v for k, v in weights.items() if not k.startswith("classifier.")}
+        own = {k: v for k, v in self.state_dict().items() if not k.startswith("classifier.")}
+        if trunk.keys() != own.keys() or any(trunk[k].shape != own[k].shape for k in own):
+            raise ConfigError(f"net.pretrained {source}: a CAM network of another shape (arch/stages) "
+                              f"than this {type(self).__name__}")
+        self.load_state_dict(trunk, strict=False)
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         return self.trunk(self.stem(images))

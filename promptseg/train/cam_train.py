@@ -226,7 +226,12 @@ class CamTrainer:
         from ..io import atomic_write
         from ..visualize import gallery
 
-        samples = [self.dataset[i] for i in range(min(count, len(self.dataset)))]
+        dataset = self.dataset
+        if not dataset.has_masks:  # pictures need ground truth: the held-out split's, or none
+            if not self.cfg.val_split:
+                return
+            dataset = VOCDataset(self.cfg.data, self.cfg.val_split)
+        samples = [dataset[i] for i in range(min(count, len(dataset)))]
         picture = gallery(_pictures(self.net.eval(), samples, threshold, self.cfg.cam_scales))
         atomic_write(self.out / "cams.png", lambda tmp: picture.save(tmp, format="PNG"))
 
@@ -260,12 +265,13 @@ class CamTrainer:
             val = score_cams(items(held_out, "CAMs (val)"), held_out.num_classes)
             threshold = val["oracle_background_threshold"]
             report["val_cam_miou"] = val["oracle_cam_miou"]
-        train = score_cams(items(self.dataset, "CAMs (train)"), self.dataset.num_classes, threshold=threshold,
-                           extra_thresholds=(CLIMS_BACKGROUND_THRESHOLD,))
-        report.update(train)
         report["background_threshold_source"] = f"best on {self.cfg.val_split}" if self.cfg.val_split \
             else "CLIMS default"
-        return report
+        if not self.dataset.has_masks:  # a classification-only split (pretraining): nothing to score on it
+            return {**report, "background_threshold": threshold}
+        train = score_cams(items(self.dataset, "CAMs (train)"), self.dataset.num_classes, threshold=threshold,
+                           extra_thresholds=(CLIMS_BACKGROUND_THRESHOLD,))
+        return {**report, **train}
 
 
 def _pictures(net, samples, threshold: float, scales) -> list[list[np.ndarray]]:

@@ -11,6 +11,9 @@ pretends the CRF ran when it did not.
 from __future__ import annotations
 
 import io
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,10 +40,13 @@ class PseudoMaskConfig:
     cam_scales: tuple[float, ...] = (1.0, 0.5, 1.5, 2.0)
     crf: bool = False
     batch_size: int = 64
+    workers: int = 2  # processes running the dense CRF (it is single-threaded C++)
 
     def validate(self) -> None:
         if self.low is not None and self.high is not None and self.high < self.low:
             raise ConfigError(f"high: got {self.high} | expected >= low ({self.low})")
+        if self.workers < 1:
+            raise ConfigError(f"workers: got {self.workers} | expected >= 1")
 
 
 def load_cam_run(run: str | Path) -> tuple[CamNet, dict, dict]:
@@ -56,7 +62,7 @@ def load_cam_run(run: str | Path) -> tuple[CamNet, dict, dict]:
     return net.eval(), config, report
 
 
-CRF_BACKGROUND_LEVELS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)  # searched on val for the CRF's background unary
+CRF_BACKGROUND_LEVELS = tuple(round(0.3 + 0.05 * i, 2) for i in range(11))  # 0.3 .. 0.8, searched on val
 
 
 def crf_available() -> bool:
@@ -75,44 +81,61 @@ def _require_crf() -> None:
 
 
 def refine_with_crf(image: np.ndarray, cams: np.ndarray, low: float) -> np.ndarray:
-    """Dense CRF over [background, classes] probabilities (CLIMS: gt_prob-free unary from the maps,
+    """Dense CRF over [background, present classes] probabilities (CLIMS: unary from the maps,
     gaussian sxy 3 compat 3, bilateral sxy 50 srgb 5 compat 10, 10 iterations).
 
-    ``image``: ``H x W x 3`` uint8 RGB; ``cams``: ``C x H x W`` in 0..1; ``low``: the constant
-    background map. Returns ``H x W`` uint8 ids (0 = background)."""
+    ``image``: ``H x W x 3`` uint8 RGB; ``cams``: ``C x H x W`` in 0..1, all zero for classes the
+    image is not labelled with (left out of the CRF, as the references keep only the image's keys);
+    ``low``: the constant background map. Returns ``H x W`` uint8 ids (0 = background)."""
     _require_crf()
     import pydensecrf.densecrf as dcrf
     from pydensecrf.utils import unary_from_softmax
 
     height, width = image.shape[:2]
-    probs = np.concatenate([np.full((1, height, width), low, np.float32), cams]) + 1e-5
+    keys = np.flatnonzero(cams.reshape(len(cams), -1).max(1) > 0)
+    if not len(keys):
+        return np.zeros((height, width), np.uint8)
+    probs = np.concatenate([np.full((1, height, width), low, np.float32), cams[keys]]) + 1e-5
     probs /= probs.sum(0, keepdims=True)
     crf = dcrf.DenseCRF2D(width, height, probs.shape[0])
     crf.setUnaryEnergy(np.ascontiguousarray(unary_from_softmax(probs)))
     crf.addPairwiseGaussian(sxy=3, compat=3)
     crf.addPairwiseBilateral(sxy=50, srgb=5, rgbim=np.ascontiguousarray(image), compat=10)
-    return np.argmax(np.array(crf.inference(10)).reshape(-1, height, width), 0).astype(np.uint8)
+    labels = np.argmax(np.array(crf.inference(10)).reshape(-1, height, width), 0)
+    return np.concatenate([[0], keys + 1]).astype(np.uint8)[labels]
 
 
-def choose_crf_background(net: CamNet, dataset: VOCDataset, scales: tuple[float, ...],
+CrfMap = Callable[[Sequence[np.ndarray], Sequence[np.ndarray], float], list[np.ndarray]]
+
+
+@contextmanager
+def crf_runner(workers: int) -> Iterator[CrfMap]:
+    """``run(images, cams, low) -> masks``: :func:`refine_with_crf` over a batch, in ``workers``
+    processes when more than one (the CRF holds no lock to release, so threads would not help)."""
+    _require_crf()
+    if workers == 1:
+        yield lambda images, cams, low: [refine_with_crf(i, c, low) for i, c in zip(images, cams, strict=True)]
+        return
+    with ProcessPoolExecutor(workers) as pool:
+        yield lambda images, cams, low: list(pool.map(refine_with_crf, images, cams, [low] * len(images),
+                                                      chunksize=max(len(images) // (4 * workers), 1)))
+
+
+def choose_crf_background(net: CamNet, dataset: VOCDataset, scales: tuple[float, ...], run_crf: CrfMap,
                           levels: tuple[float, ...] = CRF_BACKGROUND_LEVELS, batch_size: int = 64,
                           show_progress: bool = False) -> dict:
     """The CRF background level with the best mIoU on ``dataset`` (a held-out split with masks).
 
-    Coarse to fine: ``levels`` first, then half a step either side of the best of them (a
-    second pass over the split: CAMs of a real val split do not fit in memory).
+    All ``levels`` in one pass over the split: its CAMs are computed once (CAMs of a real val split
+    do not fit in memory, and CAM inference costs more than a few more CRFs).
     Returns ``{"level": best, "val_miou": {level: mIoU}}``."""
-    scores = _crf_val_scores(net, dataset, scales, levels, batch_size, show_progress)
-    best = max(scores, key=scores.get)
-    half = float(min(np.diff(sorted(levels)), default=0.0)) / 2
-    finer = tuple(round(level, 4) for level in (best - half, best + half) if 0 < level < 1 and half > 0)
-    scores.update(_crf_val_scores(net, dataset, scales, finer, batch_size, show_progress) if finer else {})
+    scores = _crf_val_scores(net, dataset, scales, run_crf, levels, batch_size, show_progress)
     best = max(scores, key=scores.get)
     return {"level": best, "val_miou": {str(k): scores[k] for k in sorted(scores)}}
 
 
-def _crf_val_scores(net: CamNet, dataset: VOCDataset, scales: tuple[float, ...], levels: tuple[float, ...],
-                    batch_size: int, show_progress: bool) -> dict[float, float]:
+def _crf_val_scores(net: CamNet, dataset: VOCDataset, scales: tuple[float, ...], run_crf: CrfMap,
+                    levels: tuple[float, ...], batch_size: int, show_progress: bool) -> dict[float, float]:
     from tqdm import tqdm
 
     from .cam_train import same_size_chunks
@@ -122,10 +145,10 @@ def _crf_val_scores(net: CamNet, dataset: VOCDataset, scales: tuple[float, ...],
                       disable=not show_progress):
         images = np.stack([s.load_image() for s in chunk])
         cams = infer_cams(net, images, np.stack([s.labels for s in chunk]), scales)
-        for sample, image, sample_cams in zip(chunk, images, cams, strict=True):
-            gt = sample.load_mask()
-            for level in levels:
-                matrices[level].update(refine_with_crf(image, sample_cams, level), gt)
+        truths = [sample.load_mask() for sample in chunk]
+        for level in levels:
+            for mask, gt in zip(run_crf(images, cams, level), truths, strict=True):
+                matrices[level].update(mask, gt)
     return {level: 100 * m.miou() for level, m in matrices.items()}
 
 
@@ -138,44 +161,45 @@ def make_pseudo_masks(cfg: PseudoMaskConfig, *, show_progress: bool = True) -> d
     cfg.validate()
     net, run_config, run_report = load_cam_run(cfg.cam_run)
     dataset = VOCDataset(run_config["data"], cfg.split)
-    low, low_source, crf_choice = cfg.low, "given", None
-    if low is None and cfg.crf and run_config.get("val_split"):
-        _require_crf()
-        crf_choice = choose_crf_background(net, VOCDataset(run_config["data"], run_config["val_split"]),
-                                           cfg.cam_scales, batch_size=cfg.batch_size, show_progress=show_progress)
-        low, low_source = crf_choice["level"], f"best CRF level on {run_config['val_split']}"
-    elif low is None:
-        low, low_source = float(run_report["background_threshold"]), "the CAM run's threshold"
-    high = cfg.high if cfg.high is not None else low
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    matrix = ConfusionMatrix(dataset.num_classes + 1)
-    leak = ContextLeak(dataset.num_classes)
-    has_gt = has_context = True
-    ignored = total = 0
-    for chunk in tqdm(list(same_size_chunks(dataset, cfg.batch_size)), desc="pseudo-masks",
-                      disable=not show_progress):
-        images = np.stack([s.load_image() for s in chunk])
-        cams = infer_cams(net, images, np.stack([s.labels for s in chunk]), cfg.cam_scales)
-        for sample, image, sample_cams in zip(chunk, images, cams, strict=True):
-            mask = refine_with_crf(image, sample_cams, low) if cfg.crf else cams_to_mask(sample_cams, low)
-            if high > low:
-                peak = sample_cams.max(0)
-                mask[(peak >= low) & (peak < high)] = IGNORE_INDEX
-            buf = io.BytesIO()
-            mask_to_png_image(mask).save(buf, format="PNG")
-            write_bytes_atomic(out / f"{sample.id}.png", buf.getvalue())
-            ignored += int((mask == IGNORE_INDEX).sum())
-            total += mask.size
-            if sample.mask_path is None:
-                has_gt = False
-                continue
-            gt = sample.load_mask()
-            matrix.update(np.where(mask == IGNORE_INDEX, 0, mask), gt)
-            if sample.context_path is not None:
-                leak.update(np.where(gt == IGNORE_INDEX, IGNORE_INDEX, mask), sample.load_context())
-            else:
-                has_context = False
+    with crf_runner(cfg.workers) if cfg.crf else nullcontext() as run_crf:
+        low, low_source, crf_choice = cfg.low, "given", None
+        if low is None and cfg.crf and run_config.get("val_split"):
+            crf_choice = choose_crf_background(net, VOCDataset(run_config["data"], run_config["val_split"]),
+                                               cfg.cam_scales, run_crf, batch_size=cfg.batch_size,
+                                               show_progress=show_progress)
+            low, low_source = crf_choice["level"], f"best CRF level on {run_config['val_split']}"
+        elif low is None:
+            low, low_source = float(run_report["background_threshold"]), "the CAM run's threshold"
+        high = cfg.high if cfg.high is not None else low
+        out = Path(cfg.out)
+        out.mkdir(parents=True, exist_ok=True)
+        matrix = ConfusionMatrix(dataset.num_classes + 1)
+        leak = ContextLeak(dataset.num_classes)
+        has_gt = has_context = True
+        ignored = total = 0
+        for chunk in tqdm(list(same_size_chunks(dataset, cfg.batch_size)), desc="pseudo-masks",
+                          disable=not show_progress):
+            images = np.stack([s.load_image() for s in chunk])
+            cams = infer_cams(net, images, np.stack([s.labels for s in chunk]), cfg.cam_scales)
+            masks = run_crf(images, cams, low) if cfg.crf else [cams_to_mask(c, low) for c in cams]
+            for sample, mask, sample_cams in zip(chunk, masks, cams, strict=True):
+                if high > low:
+                    peak = sample_cams.max(0)
+                    mask[(peak >= low) & (peak < high)] = IGNORE_INDEX
+                buf = io.BytesIO()
+                mask_to_png_image(mask).save(buf, format="PNG")
+                write_bytes_atomic(out / f"{sample.id}.png", buf.getvalue())
+                ignored += int((mask == IGNORE_INDEX).sum())
+                total += mask.size
+                if sample.mask_path is None:
+                    has_gt = False
+                    continue
+                gt = sample.load_mask()
+                matrix.update(np.where(mask == IGNORE_INDEX, 0, mask), gt)
+                if sample.context_path is not None:
+                    leak.update(np.where(gt == IGNORE_INDEX, IGNORE_INDEX, mask), sample.load_context())
+                else:
+                    has_context = False
     report = {
         "method": run_report.get("method"),
         "seed": run_report.get("seed"),
