@@ -56,7 +56,9 @@ def main() -> None:
     lines += [f"| {m} | {r['cam_miou']:.1f} | {r['context_leak']:.3f} | {r['pseudo_mask_miou']:.1f} | "
               f"{r['oracle_cam_miou']:.1f} |" for m, r in mean.items()]
     crf = all(per_seed[s].get("pseudo_mask_crf") for s in args.seeds)
-    lines += ["", f"Pseudo-masks {'with dense CRF (background level chosen on val)' if crf else 'without CRF'}.",
+    backbones = sorted({str(per_seed[s].get("cam_backbone")) for s in args.seeds})
+    lines += ["", f"CAM network backbone: {', '.join(backbones)}.",
+              f"Pseudo-masks {'with dense CRF (background level chosen on val)' if crf else 'without CRF'}.",
               f"POLE prompts that differ from the class name: {pole_changed:.1%}",
               f"SemPLeS pseudo-mask mIoU {seg['pseudo_mask_miou']:.1f}; segmenter val mIoU {seg['seg_val_miou']:.1f} "
               f"(on ground truth {seg['seg_val_miou_gt_trained']:.1f})", "",
