@@ -171,7 +171,7 @@ def train_cam_cmd(method, data_dir, out, config_file, clip_pretrained, clip_mode
             guide["cbs_threshold"] = None if cbs_threshold == "auto" else float(cbs_threshold)
         if background_words:
             guide["background_words"] = tuple(w.strip() for w in background_words.split(",") if w.strip())
-        base = cfg.guidance or default_guidance(cfg.method)
+        base = cfg.guidance or default_guidance(cfg.method, **({"clip_model": clip_model} if clip_model else {}))
         cfg = replace(cfg, guidance=replace(base, **guide))
     report = train_cam(cfg, resume=resume)
     if not report:  # a torchrun process other than rank 0

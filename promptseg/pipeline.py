@@ -108,24 +108,11 @@ def _stage(name: str, run_dir: Path, config, run: Callable[[bool], dict], timing
     return report
 
 
-# Tiny-CLIP settings that differ from the reference's (tuned for OpenAI CLIP), measured on the
-# world: the tiny CLIP learned captions phrased "a photo of a boat." / "a photo of the water.";
-# L_CBS's threshold comes from this CLIP's similarities; SemPLeS's text push 0.2 (not 0.02) and 4
-# prompt epochs moved the learned prompts away from the class text (cos 0.44 -> -0.06 for 'boat')
-# and lifted CAM mIoU 37.0 -> 38.5.
-TINY_CLIP_WORDS = {"class_template": "a photo of a {}.", "background_template": "a photo of the {}."}
-TINY_CLIP_SETTINGS = {"clims": {"cbs_threshold": None}, "pole": {"cbs_threshold": None},
-                      "semples": {"w_prompt_text": 0.2, "prompt_epochs": 4}}
-
-
 def method_guidance(cfg: PipelineConfig, method: str, clip_pretrained: str, baseline_run: str):
-    """A CLIP-guided method's settings: METHODS.md's, with the tiny CLIP's caption wording and
-    settings whenever the CLIP is the tiny one (pretrained by this run or given)."""
+    """A CLIP-guided method's settings (METHODS.md's, or the tiny CLIP's when it is the CLIP)."""
     from .train.config import default_guidance
 
-    tiny = cfg.clip_model == TINY_CLIP
-    return default_guidance(method, clip_model=cfg.clip_model, clip_pretrained=clip_pretrained, init_from=baseline_run,
-                            **(TINY_CLIP_WORDS if tiny else {}), **(TINY_CLIP_SETTINGS[method] if tiny else {}))
+    return default_guidance(method, clip_model=cfg.clip_model, clip_pretrained=clip_pretrained, init_from=baseline_run)
 
 
 def run_pipeline(cfg: PipelineConfig, show_progress: bool = True) -> dict:
