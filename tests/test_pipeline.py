@@ -35,6 +35,9 @@ def test_pipeline_report_holds_every_stage(tiny_demo):
     pretrain = json.loads((tiny_demo / "pretrain" / "config.json").read_text())
     baseline = json.loads((tiny_demo / "baseline" / "config.json").read_text())
     assert pretrain["split"] == "clip" and baseline["net"]["pretrained"] == str(tiny_demo / "pretrain" / "cam_net.pt")
+    pretrain_report = json.loads((tiny_demo / "pretrain" / "report.json").read_text())
+    assert "cam_miou" not in pretrain_report and 0.0 <= pretrain_report["val_cam_miou"] <= 100.0  # no masks on web
+    assert (tiny_demo / "pretrain" / "cams.png").is_file()  # pictures from val, which has ground truth
     assert "CAM network backbone: pretrained on the clip split." in (tiny_demo / "report.md").read_text()
     assert report["export"]["segmenter.onnx"]["parity"] == "passed"
     assert set(report["calibration"]) == {"tensorrt", "cpu"}
