@@ -36,7 +36,7 @@ def test_web_images_are_a_labelled_split_without_masks(tiny_world):
     assert len(web) == 64 and not web.has_masks and VOCDataset(tiny_world, "train").has_masks
     captions = {json.loads(line)["id"]: json.loads(line) for line in
                 (tiny_world / "captions.jsonl").read_text().splitlines()}
-    synonyms = json.loads((tiny_world / "classes.json").read_text())["variants"]
+    synonyms = json.loads((tiny_world / "classes.json").read_text())["synonyms"]  # every caption word
     for sample in web:
         assert sample.mask_path is None and sample.id.startswith("web_")
         named = {name for name, words in synonyms.items() for region in captions[sample.id]["regions"]
@@ -84,6 +84,9 @@ def test_captions_use_the_variant_synonym(tiny_world):
             if obj["variant"] != obj["class"]:  # the synonym variant
                 synonym_captioned += obj["variant"] in " ".join(captions[row["id"]]["captions"])
     assert synonym_captioned > 10
+    # every POLE candidate is a word CLIP reads in some caption (an unread word has no meaning to it)
+    words = {w.strip(".") for row in captions.values() for caption in row["captions"] for w in caption.split()}
+    assert {w for candidates in classes["synonyms"].values() for w in candidates} <= words
     # regions lie inside the image
     for row in captions.values():
         for region in row["regions"]:

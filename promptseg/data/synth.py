@@ -7,8 +7,9 @@ world is built so that they are:
 - every class co-occurs with its own background *context* (boat-water, train-railway, ...) in
   most of its images, so a classifier's CAM leaks onto the context (what CLIMS and SemPLeS fight);
 - every class has two visual *variants*, and captions name the second variant by a synonym
-  ("ship", "tram", ...), so the canonical class name is a weaker CLIP prompt for it than the
-  synonym (what POLE exploits);
+  (mostly "ship", "tram", ..., sometimes the rarer "vessel", "locomotive", ...), so the canonical
+  class name is a weaker CLIP prompt for it than a synonym (what POLE exploits), and every POLE
+  candidate is a word CLIP has read (a candidate it never saw would get a meaningless embedding);
 - the context region of every image is written too (``ContextMasks/``), so the leak is measurable.
 
 Everything is deterministic for a seed: the same seed gives byte-identical files.
@@ -31,7 +32,9 @@ from .images import mask_to_png_image
 from .palette import IGNORE_INDEX
 
 Array = np.ndarray
-WORLD_FORMAT = 2  # 2: the web images have labels and a split list (CAM backbone pretraining)
+# 2: the web images have labels and a split list (CAM backbone pretraining)
+# 3: captions use every synonym (POLE's candidates), not only the variant's first one
+WORLD_FORMAT = 3
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,7 @@ class SynthConfig:
     context_prob: float = 0.85  # P(class's own context is drawn | class present)
     synonym_variant_prob: float = 0.5  # P(an object is drawn as its synonym variant)
     canonical_caption_prob: float = 0.15  # P(synonym variant is still captioned by the canonical name)
+    rare_synonym_prob: float = 0.3  # P(else it is captioned by a rarer synonym than the variant's word)
     max_objects: int = 3
     jpeg_quality: int = 95
     # CLIP's pretraining corpus stands in for web-scale data: scenes of the same world whose class
@@ -81,7 +85,8 @@ class SynthConfig:
             raise ConfigError(f"max_objects: got {self.max_objects} | expected 1..{len(WORLD_CLASSES)}")
         if self.clip_images < 0:
             raise ConfigError(f"clip_images: got {self.clip_images} | expected >= 0")
-        for name in ("context_prob", "synonym_variant_prob", "canonical_caption_prob", "web_context_prob"):
+        for name in ("context_prob", "synonym_variant_prob", "canonical_caption_prob", "rare_synonym_prob",
+                     "web_context_prob"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ConfigError(f"{name}: got {value} | expected a probability in [0, 1]")
@@ -383,6 +388,8 @@ def generate_image(rng: np.random.Generator, cfg: SynthConfig, web: bool = False
         word = wc.variants[variant]
         if variant == 1 and rng.random() < cfg.canonical_caption_prob:
             word = wc.name
+        elif variant == 1 and rng.random() < cfg.rare_synonym_prob:
+            word = wc.synonyms[int(rng.integers(1, len(wc.synonyms)))]
         words.append(word)
         ctx_words.append(drawn_ctx[col])
         objects.append({"class": wc.name, "variant": wc.variants[variant], "box": list(box),
