@@ -57,7 +57,9 @@ def main() -> None:
               f"{r['oracle_cam_miou']:.1f} |" for m, r in mean.items()]
     crf = all(per_seed[s].get("pseudo_mask_crf") for s in args.seeds)
     backbones = sorted({str(per_seed[s].get("cam_backbone")) for s in args.seeds})
-    lines += ["", f"CAM network backbone: {', '.join(backbones)}.",
+    lines += ["", "CAM mIoU and context leak: CAMs at 4 scales with flips (the references' protocol), background "
+              "threshold chosen on val.",
+              f"CAM network backbone: {', '.join(backbones)}.",
               f"Pseudo-masks {'with dense CRF (background level chosen on val)' if crf else 'without CRF'}.",
               f"POLE prompts that differ from the class name: {pole_changed:.1%}",
               f"SemPLeS pseudo-mask mIoU {seg['pseudo_mask_miou']:.1f}; segmenter val mIoU {seg['seg_val_miou']:.1f} "

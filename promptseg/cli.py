@@ -117,7 +117,8 @@ def train_clip_cmd(data_dir, out, model, steps, batch_size, lr, seed, threads, r
               help="A JSON CamTrainConfig (e.g. configs/voc_clims.json); the options given here override it.")
 @click.option("--clip", "clip_pretrained", help="CLIP weights: a `promptseg train clip` run, a file or a tag.")
 @click.option("--clip-model", default=None, help="open_clip model name [default: promptseg-tiny-clip].")
-@click.option("--init-from", help="Baseline run (or cam_net.pt) that the CLIP-guided methods start from.")
+@click.option("--init-from", help="CAM run (or cam_net.pt) that a CLIP-guided method starts from: the baseline "
+              "for CLIMS and POLE; SemPLeS's generator S (the demo refines CLIMS's network, head only).")
 @click.option("--split", help="Image list to train on, ImageSets/Segmentation/SPLIT.txt [default: train]. A split "
               "without masks (the world's `clip` web images) trains a backbone for --backbone.")
 @click.option("--backbone", type=click.Path(exists=True, dir_okay=False),

@@ -53,6 +53,9 @@ class PipelineConfig:
     # SemPLeS stages (a), (c): the reference's 5.12e-4 x batch / 512 (batch 32). At 1e-4, stage (a)
     # spread the bird map over the tree (seed 0, web-pretrained backbone: bird CAM IoU 20 vs 38)
     semples_lr: float = 3.2e-5
+    # SemPLeS refines a CAM generator S (its backbone frozen, its head trained): the network of this
+    # earlier method's run ("baseline" or a CLIP-guided one), as SemPLeS refines WeakTr in the paper
+    semples_generator: str = "clims"
     # pseudo-masks: dense CRF "on", "off", or "auto" (on when the crf extra is installed)
     crf: str = "auto"
     # segmenters: trained on the pseudo-masks of `seg_methods`; `ship_method`'s is exported
@@ -75,6 +78,9 @@ class PipelineConfig:
         if not set(self.seg_methods) <= set(self.methods) or self.ship_method not in self.seg_methods:
             raise ConfigError(f"seg_methods {list(self.seg_methods)} / ship_method {self.ship_method!r}: "
                               f"expected seg_methods among methods and ship_method among seg_methods")
+        if "semples" in self.methods and self.semples_generator not in self.methods[:self.methods.index("semples")]:
+            raise ConfigError(f"semples_generator: got {self.semples_generator!r} | expected a method run before "
+                              f"semples among {list(self.methods)}")
         if self.crf not in ("auto", "on", "off"):
             raise ConfigError(f"crf: got {self.crf!r} | expected auto, on or off")
         if self.data is not None and not Path(self.data).is_dir():
@@ -108,11 +114,12 @@ def _stage(name: str, run_dir: Path, config, run: Callable[[bool], dict], timing
     return report
 
 
-def method_guidance(cfg: PipelineConfig, method: str, clip_pretrained: str, baseline_run: str):
-    """A CLIP-guided method's settings (METHODS.md's, or the tiny CLIP's when it is the CLIP)."""
+def method_guidance(cfg: PipelineConfig, method: str, clip_pretrained: str, init_from: str):
+    """A CLIP-guided method's settings (METHODS.md's, or the tiny CLIP's when it is the CLIP),
+    starting from the CAM run ``init_from``."""
     from .train.config import default_guidance
 
-    return default_guidance(method, clip_model=cfg.clip_model, clip_pretrained=clip_pretrained, init_from=baseline_run)
+    return default_guidance(method, clip_model=cfg.clip_model, clip_pretrained=clip_pretrained, init_from=init_from)
 
 
 def run_pipeline(cfg: PipelineConfig, show_progress: bool = True) -> dict:
@@ -189,15 +196,14 @@ def run_pipeline(cfg: PipelineConfig, show_progress: bool = True) -> dict:
                                  (*world, *backbone))
     for method in cfg.methods[1:]:
         lr = cfg.semples_lr if method == "semples" else cfg.method_lr
+        start = out / (cfg.semples_generator if method == "semples" else "baseline")  # CLIMS, POLE: the baseline
         method_cfg = replace(base, method=method, out=str(out / method), epochs=cfg.method_epochs, lr=lr,
-                             guidance=method_guidance(cfg, method, clip_pretrained, str(out / "baseline")))
+                             guidance=method_guidance(cfg, method, clip_pretrained, str(start)))
         reports[method] = _stage(method, out / method, method_cfg,
                                  lambda resume, c=method_cfg: train_cam(c, resume=resume, show_progress=show_progress),
-                                 timings, (*world, *clip_inputs, out / "baseline" / "cam_net.pt"))
+                                 timings, (*world, *clip_inputs, start / "cam_net.pt"))
 
-    methods = {m: {"cam_miou": r["cam_miou"], "context_leak": r["context_leak"],
-                   "oracle_cam_miou": r["oracle_cam_miou"], **({"prompt_changed_share": r["prompt_changed_share"]}
-                                                               if "prompt_changed_share" in r else {})}
+    methods = {m: {"prompt_changed_share": r["prompt_changed_share"]} if "prompt_changed_share" in r else {}
                for m, r in reports.items()}
     use_crf = cfg.crf == "on" or (cfg.crf == "auto" and crf_available())
     for method in cfg.methods:
@@ -206,8 +212,10 @@ def run_pipeline(cfg: PipelineConfig, show_progress: bool = True) -> dict:
         pseudo = _stage(f"pseudo_{method}", out / f"pseudo_{method}", pseudo_cfg,
                         lambda _, c=pseudo_cfg: make_pseudo_masks(c, show_progress=show_progress), timings,
                         (out / method / "cam_net.pt",))
-        methods[method]["pseudo_mask_miou"] = pseudo["pseudo_mask_miou"]
-        methods[method]["pseudo_mask_background"] = pseudo["low"]
+        # CAM scores as the references take them (4 scales + flips), from the pass that writes the masks
+        methods[method] = {**{k: pseudo[k] for k in ("cam_miou", "context_leak", "oracle_cam_miou")},
+                           "cam_threshold": pseudo["cam_threshold"], **methods[method],
+                           "pseudo_mask_miou": pseudo["pseudo_mask_miou"], "pseudo_mask_background": pseudo["low"]}
     seg_base = SegTrainConfig(data=str(data_dir), out="", split=cfg.train_split, val_split=cfg.val_split,
                               epochs=cfg.seg_epochs, input_size=cfg.seg_input_size, seed=cfg.seed,
                               threads=cfg.threads)
@@ -382,9 +390,10 @@ def render_markdown(report: dict) -> str:
     if "prompt_changed_share" in report["methods"].get("pole", {}):
         lines += ["", f"POLE chose a name other than the class name for "
                       f"{report['methods']['pole']['prompt_changed_share']:.1%} of (image, class) pairs."]
-    lines += ["", "CAM mIoU uses a background threshold chosen on the val split; the oracle column picks it on",
-              "the scored labels themselves and is not a result. Context leak: the share of CAM foreground",
-              "that falls on the class's co-occurring context (lower is better).",
+    lines += ["", "CAM mIoU: CAMs at 4 scales with flips (as the references score them), the background threshold",
+              "chosen on the val split; the oracle column picks it on the scored labels themselves and is not",
+              "a result. Context leak: the share of CAM foreground that falls on the class's co-occurring",
+              "context (lower is better).",
               "Pseudo-masks: " + ("dense CRF over the CAMs, its background level chosen on the val split."
                                   if report.get("pseudo_mask_crf") else
                                   "CAMs at the val-chosen threshold, no CRF (install the crf extra for it)."), "",

@@ -91,6 +91,15 @@ def test_semples_folds_prompts_that_match_the_training_code(tiny_world, tiny_cli
         prompts.embeddings.copy_(torch.load(tmp_path / "stage_b" / "prompts.pt", weights_only=True)["embeddings"])
         torch.testing.assert_close(prompts(model), folded["text_features"], atol=1e-6, rtol=0)
     assert json.loads((tmp_path / "stage_c" / "log.jsonl").read_text().splitlines()[0]).keys() >= {"refine"}
+    # the generator's backbone stays frozen (weights and batch-norm statistics); the head learns
+    start = torch.load(baseline_run / "cam_net.pt", weights_only=True)["net"]
+    end = torch.load(tmp_path / "cam_net.pt", weights_only=True)["net"]
+    assert not cfg.guidance.train_backbone
+    for name, tensor in start.items():
+        if name.startswith("classifier."):
+            assert not torch.equal(tensor, end[name])
+        else:
+            assert torch.equal(tensor, end[name]), name
 
 
 def test_guidance_must_match_the_classes(tiny_world, tiny_clip, baseline_run, tmp_path):

@@ -95,6 +95,9 @@ def test_pipeline_config_is_checked_before_any_work(tmp_path):
         PipelineConfig(methods=("clims",)).validate()
     with pytest.raises(ConfigError, match="crf"):
         PipelineConfig(crf="yes").validate()
+    with pytest.raises(ConfigError, match="semples_generator"):  # SemPLeS refines a run made before it
+        PipelineConfig(methods=("baseline", "semples"), seg_methods=("semples",)).validate()
+    PipelineConfig(methods=("baseline", "semples"), semples_generator="baseline").validate()
     config = tmp_path / "p.json"
     config.write_text(json.dumps({"out": str(tmp_path / "run"), "epochs_typo": 3}))
     result = CliRunner().invoke(main, ["pipeline", str(config)])

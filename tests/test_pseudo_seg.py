@@ -33,7 +33,13 @@ def test_pseudo_masks_cover_the_split(pseudo_dir, tiny_world, baseline_run):
     assert values <= set(range(7))
     report = json.loads((pseudo_dir / "report.json").read_text())
     run = json.loads((baseline_run / "report.json").read_text())
-    assert report["low"] == run["background_threshold"] and report["method"] == "baseline"
+    assert report["method"] == "baseline" and report["cam_threshold_source"] == "best on val"
+    assert report["low"] == report["cam_threshold"]  # no CRF: the CAM threshold chosen on val
+    # same CAMs (1 scale + flip) as the run scored: same threshold, same CAM mIoU and leak
+    assert report["cam_threshold"] == run["background_threshold"]
+    assert report["cam_miou"] == pytest.approx(run["cam_miou"]) == report["cam_run_cam_miou"]
+    assert report["context_leak"] == pytest.approx(run["context_leak"])
+    assert report["cam_miou"] <= report["oracle_cam_miou"] and report["cam_scales"] == [1.0]
     assert 0.0 <= report["pseudo_mask_miou"] <= 100.0 and report["ignored_share"] == 0.0
     per_class = report["pseudo_mask_per_class_iou"]
     assert list(per_class) == ["background", *VOCDataset(tiny_world, "train").class_names]

@@ -94,6 +94,10 @@ class CamTrainer:
     def extra_parameters(self) -> list[dict]:
         return []
 
+    def trains_backbone(self) -> bool:
+        """Whether the CAM network's stem and trunk learn (SemPLeS trains the head only)."""
+        return True
+
     def run_facts(self) -> dict:
         """Method-specific facts for ``report.json`` (thresholds used, prompt choices, ...)."""
         return {}
@@ -102,9 +106,9 @@ class CamTrainer:
     def _optimizer(self):
         backbone, classifier = self.net.param_groups()
         cfg = self.cfg
-        groups = [{"params": backbone, "lr": cfg.lr, "base_lr": cfg.lr},
-                  {"params": classifier, "lr": cfg.lr * cfg.classifier_lr_mult,
-                   "base_lr": cfg.lr * cfg.classifier_lr_mult}]
+        groups = [{"params": backbone, "lr": cfg.lr, "base_lr": cfg.lr}] if self.trains_backbone() else []
+        groups += [{"params": classifier, "lr": cfg.lr * cfg.classifier_lr_mult,
+                    "base_lr": cfg.lr * cfg.classifier_lr_mult}]
         groups += self.extra_parameters()
         if cfg.optimizer == "sgd":
             return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
@@ -128,6 +132,9 @@ class CamTrainer:
         torch.set_num_threads(cfg.threads)
         seed_everything(cfg.seed + runtime.rank)  # each process draws its own crops
         self.place(runtime)
+        if not self.trains_backbone():  # frozen before DDP wraps the network, which then ignores it
+            for param in self.net.param_groups()[0]:
+                param.requires_grad_(False)
         optimizer = self._optimizer()
         model = self.net
         if runtime.distributed:
@@ -168,6 +175,9 @@ class CamTrainer:
                    disable=not show_progress or not runtime.is_main)
         for epoch in range(start_epoch, cfg.epochs):
             self.net.train()
+            if not self.trains_backbone():  # a frozen backbone keeps its batch-norm statistics too
+                self.net.stem.eval()
+                self.net.trunk.eval()
             if sampler is not None:
                 sampler.set_epoch(epoch)
             sums: dict[str, float] = {}

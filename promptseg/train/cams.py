@@ -58,39 +58,60 @@ def cams_to_mask(cams: np.ndarray, threshold: float) -> np.ndarray:
     return stacked.argmax(0).astype(np.uint8)
 
 
+CAM_THRESHOLDS = tuple(float(t) for t in np.round(np.arange(0.05, 0.96, 0.05), 2))
+
+
+class CamScores:
+    """CAM scores accumulated image by image: mIoU at ``threshold``, at ``extra_thresholds`` and at
+    every ``oracle_thresholds``, and the context leak at ``threshold``.
+
+    The best threshold on the same ground truth is reported apart as ``oracle_*``: it looked at
+    the labels it is scored on, so it is not a result.
+    """
+
+    def __init__(self, num_classes: int, threshold: float = CLIMS_BACKGROUND_THRESHOLD,
+                 extra_thresholds: Sequence[float] = (), oracle_thresholds: Sequence[float] = CAM_THRESHOLDS):
+        self.threshold = float(threshold)
+        self.extra_thresholds = tuple(map(float, extra_thresholds))
+        self.thresholds = sorted({self.threshold, *self.extra_thresholds, *map(float, oracle_thresholds)})
+        self.matrices = {t: ConfusionMatrix(num_classes + 1) for t in self.thresholds}
+        self.leak = ContextLeak(num_classes)
+        self.have_context = True
+
+    def update(self, cams: np.ndarray, gt: np.ndarray, context: np.ndarray | None) -> None:
+        peak, ids = cams.max(0), (cams.argmax(0) + 1).astype(np.uint8)
+        for t in self.thresholds:
+            pred = np.where(peak > t, ids, np.uint8(0))  # cams_to_mask(cams, t), argmax done once
+            self.matrices[t].update(pred, gt)
+            if t == self.threshold:
+                if context is None:
+                    self.have_context = False
+                else:
+                    self.leak.update(np.where(gt == IGNORE_INDEX, IGNORE_INDEX, pred), context)
+
+    def report(self) -> dict:
+        at = self.matrices[self.threshold]
+        best = max(self.thresholds, key=lambda t: self.matrices[t].miou())
+        report = {
+            "background_threshold": self.threshold,
+            "cam_miou": 100 * at.miou(),
+            "cam_per_class_iou": [None if np.isnan(v) else 100 * float(v) for v in at.iou()],
+            "context_leak": float(self.leak.overall()) if self.have_context else None,
+            "context_leak_per_class": [None if np.isnan(v) else float(v) for v in self.leak.per_class()]
+            if self.have_context else None,
+            "oracle_cam_miou": 100 * self.matrices[best].miou(),
+            "oracle_background_threshold": best,
+        }
+        for t in self.extra_thresholds:
+            report[f"cam_miou_at_{t:g}"] = 100 * self.matrices[t].miou()
+        return report
+
+
 def score_cams(items: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray | None]], num_classes: int,
                threshold: float = CLIMS_BACKGROUND_THRESHOLD, extra_thresholds: Sequence[float] = (),
-               oracle_thresholds: Sequence[float] = tuple(np.round(np.arange(0.05, 0.96, 0.05), 2))) -> dict:
-    """Score CAMs against ground truth: mIoU and context leak at ``threshold``.
-
-    ``items`` yields ``(cams, gt_mask, context_mask_or_None)``. ``extra_thresholds`` are reported
-    as ``cam_miou_at_<t>``. The best threshold on the same ground truth is reported apart as
-    ``oracle_*``: it looked at the labels it is scored on, so it is not a result.
-    """
-    thresholds = sorted({float(threshold), *map(float, extra_thresholds), *map(float, oracle_thresholds)})
-    matrices = {t: ConfusionMatrix(num_classes + 1) for t in thresholds}
-    leak = ContextLeak(num_classes)
-    have_context = True
+               oracle_thresholds: Sequence[float] = CAM_THRESHOLDS) -> dict:
+    """:class:`CamScores` over ``items``, which yields ``(cams, gt_mask, context_mask_or_None)``."""
+    scores = CamScores(num_classes, threshold, extra_thresholds, oracle_thresholds)
     for cams, gt, context in items:
-        for t in thresholds:
-            pred = cams_to_mask(cams, t)
-            matrices[t].update(pred, gt)
-            if t == threshold:
-                if context is None:
-                    have_context = False
-                else:
-                    leak.update(np.where(gt == IGNORE_INDEX, IGNORE_INDEX, pred), context)
-    best = max(thresholds, key=lambda t: matrices[t].miou())
-    report = {
-        "background_threshold": threshold,
-        "cam_miou": 100 * matrices[threshold].miou(),
-        "cam_per_class_iou": [None if np.isnan(v) else 100 * float(v) for v in matrices[threshold].iou()],
-        "context_leak": float(leak.overall()) if have_context else None,
-        "context_leak_per_class": [None if np.isnan(v) else float(v) for v in leak.per_class()] if have_context
-        else None,
-        "oracle_cam_miou": 100 * matrices[best].miou(),
-        "oracle_background_threshold": best,
-    }
-    for t in extra_thresholds:
-        report[f"cam_miou_at_{t:g}"] = 100 * matrices[float(t)].miou()
-    return report
+        scores.update(cams, gt, context)
+    return scores.report()

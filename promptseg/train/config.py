@@ -36,7 +36,8 @@ class ClipGuidance:
     # POLE
     candidates: str | None = None  # JSON {class: [names...]}; None = classes.json "synonyms"
     adaptor_lr_mult: float = 1.0
-    # SemPLeS
+    # SemPLeS: its generator's backbone is effectively frozen (detached); the CLIP losses train the head
+    train_backbone: bool = True
     prompt_length: int = 30
     w_prompt_text: float = 0.02
     w_refine: float = 0.05
@@ -104,7 +105,7 @@ def default_guidance(method: str, **overrides) -> ClipGuidance:
     per_method = {
         "clims": {},
         "pole": {"w_btm": 25.0, "w_reg": 0.0},
-        "semples": {"w_otm": 1.0, "w_btm": 2.4, "w_cbs": 0.0, "w_reg": 0.0},
+        "semples": {"w_otm": 1.0, "w_btm": 2.4, "w_cbs": 0.0, "w_reg": 0.0, "train_backbone": False},
     }
     if method not in per_method:
         raise ConfigError(f"method: got {method!r} | expected one of {', '.join(per_method)}")

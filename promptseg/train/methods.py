@@ -55,6 +55,9 @@ class ClipGuidedTrainer(CamTrainer):
         if self.cbs_threshold is None:
             self.cbs_threshold = self._calibrate_cbs_threshold()
 
+    def trains_backbone(self) -> bool:
+        return self.guide.train_backbone
+
     def place(self, runtime) -> None:
         super().place(runtime)
         self.clip.to(runtime.device)

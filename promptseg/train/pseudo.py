@@ -26,7 +26,7 @@ from ..errors import ConfigError, PromptsegError
 from ..eval import ConfusionMatrix, ContextLeak
 from ..io import read_json, write_bytes_atomic, write_json_atomic
 from .cam_net import CamNet, CamNetConfig
-from .cams import cams_to_mask, infer_cams
+from .cams import CamScores, cams_to_mask, infer_cams
 from .checkpoint import load_checkpoint
 
 
@@ -121,39 +121,44 @@ def crf_runner(workers: int) -> Iterator[CrfMap]:
                                                       chunksize=max(len(images) // (4 * workers), 1)))
 
 
-def choose_crf_background(net: CamNet, dataset: VOCDataset, scales: tuple[float, ...], run_crf: CrfMap,
-                          levels: tuple[float, ...] = CRF_BACKGROUND_LEVELS, batch_size: int = 64,
-                          show_progress: bool = False) -> dict:
-    """The CRF background level with the best mIoU on ``dataset`` (a held-out split with masks).
+def score_val(net: CamNet, dataset: VOCDataset, scales: tuple[float, ...], run_crf: CrfMap | None = None,
+              levels: tuple[float, ...] = CRF_BACKGROUND_LEVELS, batch_size: int = 64,
+              show_progress: bool = False) -> dict:
+    """One pass over a held-out split with masks: the CAMs' best background threshold and, with
+    ``run_crf``, the CRF background level with the best mIoU (all ``levels`` at once: CAMs of a real
+    val split do not fit in memory, and CAM inference costs more than a few more CRFs).
 
-    All ``levels`` in one pass over the split: its CAMs are computed once (CAMs of a real val split
-    do not fit in memory, and CAM inference costs more than a few more CRFs).
-    Returns ``{"level": best, "val_miou": {level: mIoU}}``."""
-    scores = _crf_val_scores(net, dataset, scales, run_crf, levels, batch_size, show_progress)
-    best = max(scores, key=scores.get)
-    return {"level": best, "val_miou": {str(k): scores[k] for k in sorted(scores)}}
-
-
-def _crf_val_scores(net: CamNet, dataset: VOCDataset, scales: tuple[float, ...], run_crf: CrfMap,
-                    levels: tuple[float, ...], batch_size: int, show_progress: bool) -> dict[float, float]:
+    Returns ``{"cam_threshold": t, "cam_val_miou": mIoU at t, "crf_level": level or None,
+    "crf_val_miou": {level: mIoU} or None}``."""
     from tqdm import tqdm
 
     from .cam_train import same_size_chunks
 
-    matrices = {level: ConfusionMatrix(dataset.num_classes + 1) for level in levels}
-    for chunk in tqdm(list(same_size_chunks(dataset, batch_size)), desc=f"CRF levels {list(levels)} on val",
+    cam_scores = CamScores(dataset.num_classes)
+    matrices = {level: ConfusionMatrix(dataset.num_classes + 1) for level in levels} if run_crf else {}
+    for chunk in tqdm(list(same_size_chunks(dataset, batch_size)), desc="CAM thresholds and CRF levels on val",
                       disable=not show_progress):
         images = np.stack([s.load_image() for s in chunk])
         cams = infer_cams(net, images, np.stack([s.labels for s in chunk]), scales)
         truths = [sample.load_mask() for sample in chunk]
-        for level in levels:
+        for sample_cams, gt in zip(cams, truths, strict=True):
+            cam_scores.update(sample_cams, gt, None)
+        for level, matrix in matrices.items():
             for mask, gt in zip(run_crf(images, cams, level), truths, strict=True):
-                matrices[level].update(mask, gt)
-    return {level: 100 * m.miou() for level, m in matrices.items()}
+                matrix.update(mask, gt)
+    cam = cam_scores.report()
+    crf = {level: 100 * m.miou() for level, m in matrices.items()}
+    return {"cam_threshold": cam["oracle_background_threshold"], "cam_val_miou": cam["oracle_cam_miou"],
+            "crf_level": max(crf, key=crf.get) if crf else None,
+            "crf_val_miou": {str(k): crf[k] for k in sorted(crf)} if crf else None}
 
 
 def make_pseudo_masks(cfg: PseudoMaskConfig, *, show_progress: bool = True) -> dict:
-    """Write ``out/<id>.png`` for every image of ``cfg.split`` and ``out/report.json``."""
+    """Write ``out/<id>.png`` for every image of ``cfg.split`` and ``out/report.json``.
+
+    The report also scores the CAMs themselves at ``cam_scales`` (the references' CAM mIoU: 4 scales
+    with flips), their background threshold chosen on the run's held-out split when it has masks.
+    """
     from tqdm import tqdm
 
     from .cam_train import same_size_chunks
@@ -161,20 +166,27 @@ def make_pseudo_masks(cfg: PseudoMaskConfig, *, show_progress: bool = True) -> d
     cfg.validate()
     net, run_config, run_report = load_cam_run(cfg.cam_run)
     dataset = VOCDataset(run_config["data"], cfg.split)
+    val_split = run_config.get("val_split")
+    held_out = VOCDataset(run_config["data"], val_split) if val_split else None
     with crf_runner(cfg.workers) if cfg.crf else nullcontext() as run_crf:
-        low, low_source, crf_choice = cfg.low, "given", None
-        if low is None and cfg.crf and run_config.get("val_split"):
-            crf_choice = choose_crf_background(net, VOCDataset(run_config["data"], run_config["val_split"]),
-                                               cfg.cam_scales, run_crf, batch_size=cfg.batch_size,
-                                               show_progress=show_progress)
-            low, low_source = crf_choice["level"], f"best CRF level on {run_config['val_split']}"
+        val = None
+        if held_out is not None and held_out.has_masks:
+            val = score_val(net, held_out, cfg.cam_scales, run_crf, batch_size=cfg.batch_size,
+                            show_progress=show_progress)
+            cam_threshold, cam_source = val["cam_threshold"], f"best on {val_split}"
+        else:
+            cam_threshold, cam_source = float(run_report["background_threshold"]), "the CAM run's threshold"
+        low, low_source = cfg.low, "given"
+        if low is None and cfg.crf and val is not None:
+            low, low_source = val["crf_level"], f"best CRF level on {val_split}"
         elif low is None:
-            low, low_source = float(run_report["background_threshold"]), "the CAM run's threshold"
+            low, low_source = cam_threshold, f"the CAM threshold ({cam_source})"
         high = cfg.high if cfg.high is not None else low
         out = Path(cfg.out)
         out.mkdir(parents=True, exist_ok=True)
         matrix = ConfusionMatrix(dataset.num_classes + 1)
         leak = ContextLeak(dataset.num_classes)
+        cam_scores = CamScores(dataset.num_classes, threshold=cam_threshold)
         has_gt = has_context = True
         ignored = total = 0
         for chunk in tqdm(list(same_size_chunks(dataset, cfg.batch_size)), desc="pseudo-masks",
@@ -195,18 +207,30 @@ def make_pseudo_masks(cfg: PseudoMaskConfig, *, show_progress: bool = True) -> d
                     has_gt = False
                     continue
                 gt = sample.load_mask()
+                context = sample.load_context() if sample.context_path is not None else None
+                cam_scores.update(sample_cams, gt, context)
                 matrix.update(np.where(mask == IGNORE_INDEX, 0, mask), gt)
-                if sample.context_path is not None:
-                    leak.update(np.where(gt == IGNORE_INDEX, IGNORE_INDEX, mask), sample.load_context())
+                if context is not None:
+                    leak.update(np.where(gt == IGNORE_INDEX, IGNORE_INDEX, mask), context)
                 else:
                     has_context = False
+    cams_report = cam_scores.report() if has_gt else {}
     report = {
         "method": run_report.get("method"),
         "seed": run_report.get("seed"),
         "cam_run": str(cfg.cam_run),
+        "cam_scales": list(cfg.cam_scales),
+        "cam_threshold": cam_threshold, "cam_threshold_source": cam_source,
+        **({"cam_val_miou": val["cam_val_miou"]} if val else {}),
+        "cam_miou": cams_report.get("cam_miou"),
+        "cam_per_class_iou": cams_report.get("cam_per_class_iou"),
+        "context_leak": cams_report.get("context_leak"),
+        "context_leak_per_class": cams_report.get("context_leak_per_class"),
+        "oracle_cam_miou": cams_report.get("oracle_cam_miou"),
+        "oracle_cam_threshold": cams_report.get("oracle_background_threshold"),
+        "cam_run_cam_miou": run_report.get("cam_miou"),  # the CAM run's own check, at its cam_scales
         "low": low, "high": high, "low_source": low_source, "crf": cfg.crf,
-        **({"crf_val_miou": crf_choice["val_miou"]} if crf_choice else {}),
-        "cam_miou": run_report.get("cam_miou"),
+        **({"crf_val_miou": val["crf_val_miou"]} if val and val["crf_val_miou"] else {}),
         "pseudo_mask_miou": 100 * matrix.miou() if has_gt else None,
         "pseudo_mask_per_class_iou": (matrix.summary(("background", *dataset.class_names), percent=True)
                                       ["per_class_iou"] if has_gt else None),
