@@ -53,9 +53,13 @@ def infer_cams(net, images_u8: np.ndarray, labels: np.ndarray, scales: Sequence[
 
 
 def cams_to_mask(cams: np.ndarray, threshold: float) -> np.ndarray:
-    """``C x H x W`` maps in 0..1 -> ``H x W`` uint8 ids: argmax over [threshold, maps], 0 = background."""
-    stacked = np.concatenate([np.full((1, *cams.shape[1:]), threshold, dtype=cams.dtype), cams])
-    return stacked.argmax(0).astype(np.uint8)
+    """``C x H x W`` maps in 0..1 -> ``H x W`` uint8 ids: the argmax class where the strongest map
+    exceeds ``threshold``, else 0 = background."""
+    return _mask_from_peak(cams.max(0), (cams.argmax(0) + 1).astype(np.uint8), threshold)
+
+
+def _mask_from_peak(peak: np.ndarray, ids: np.ndarray, threshold: float) -> np.ndarray:
+    return np.where(peak > threshold, ids, np.uint8(0))
 
 
 CAM_THRESHOLDS = tuple(float(t) for t in np.round(np.arange(0.05, 0.96, 0.05), 2))
@@ -81,7 +85,7 @@ class CamScores:
     def update(self, cams: np.ndarray, gt: np.ndarray, context: np.ndarray | None) -> None:
         peak, ids = cams.max(0), (cams.argmax(0) + 1).astype(np.uint8)
         for t in self.thresholds:
-            pred = np.where(peak > t, ids, np.uint8(0))  # cams_to_mask(cams, t), argmax done once
+            pred = _mask_from_peak(peak, ids, t)  # cams_to_mask(cams, t) with the argmax done once
             self.matrices[t].update(pred, gt)
             if t == self.threshold:
                 if context is None:
