@@ -57,9 +57,10 @@ def main() -> None:
              f"{'met' if result['meets_goal'] else 'not met'}); peak memory {result['peak_rss_mb']} MB.", "",
              "| stage | seconds | share |", "|---|---|---|"]
     lines += [f"| {name} | {sec:.1f} | {100 * sec / wall:.0f}% |" for name, sec in slowest if sec is not None]
-    lines += ["", f"Segmenter val mIoU {result['seg_val_miou']:.1f} (ground truth {result['seg_val_miou_gt_trained']:.1f}); "
-              "CAM mIoU / leak: " + ", ".join(f"{m} {result['cam_miou'][m]:.1f} / {result['context_leak'][m]:.3f}"
-                                              for m in result["cam_miou"]) + "."]
+    methods = ", ".join(f"{m} {result['cam_miou'][m]:.1f} / {result['context_leak'][m]:.3f}"
+                        for m in result["cam_miou"])
+    lines += ["", f"Segmenter val mIoU {result['seg_val_miou']:.1f} "
+              f"(ground truth {result['seg_val_miou_gt_trained']:.1f}); CAM mIoU / leak: {methods}."]
     (RESULTS / "demo_cpu.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -108,7 +108,8 @@ def to_markdown(result: dict) -> str:
                      f"{result['prompt_context_text_cos'][name]:.2f} | {result['pairs'][name]} |")
     lines += ["", "## Which way each stage-(c) term moves S's masks (-dL/dM x 1e4, mean over pixels)", "",
               "Negative on context = the term pulls the mask off the context.", "",
-              "| class | otm obj | otm ctx | btm obj | btm ctx | refine obj | refine ctx |", "|---|---|---|---|---|---|---|"]
+              "| class | otm obj | otm ctx | btm obj | btm ctx | refine obj | refine ctx |",
+              "|---|---|---|---|---|---|---|"]
     for name, d in result["descent_x1e4"].items():
         cells = " | ".join(f"{d[t][w]:+.2f}" for t in TERMS for w in ("object", "context"))
         lines.append(f"| {name} | {cells} |")
