@@ -12,7 +12,7 @@ from promptseg.errors import ConfigError
 from promptseg.train.cam_train import train_cam
 from promptseg.train.clip import TINY_CLIP, ClipSpec, encode_prompts
 from promptseg.train.config import CamTrainConfig, default_guidance
-from promptseg.train.methods import load_text_features
+from promptseg.train.methods import PoleTrainer, load_text_features
 from promptseg.train.prompts import BackgroundPrompts, ClipAdapter
 
 
@@ -74,6 +74,17 @@ def test_pole_chooses_prompts_among_candidates(tiny_world, tiny_clip, baseline_r
     assert 0.0 <= report["prompt_changed_share"] <= 1.0
     state = torch.load(tmp_path / "train_state.pt", weights_only=True)
     assert state["extra"]["image_adaptor"]["ratio"].shape == (128,)
+
+
+def test_pole_never_reuses_choices_left_in_its_folder(tiny_world, tiny_clip, baseline_run, tmp_path):
+    # a folder run before with another CLIP or network: its choices must not leak into this run
+    ids = {line.strip() for line in (tiny_world / "ImageSets/Segmentation/train.txt").read_text().split()}
+    stale = {i: {"boat": "stale-name"} for i in ids}
+    (tmp_path / "prompt_choices.json").write_text(json.dumps({"candidates": {}, "choices": stale}))
+    trainer = PoleTrainer(_cfg(tiny_world, tmp_path, "pole", tiny_clip, baseline_run))
+    assert all("stale-name" not in per_image.values() for per_image in trainer.choices.values())
+    saved = json.loads((tmp_path / "prompt_choices.json").read_text())
+    assert saved["choices"] == trainer.choices
 
 
 def test_semples_folds_prompts_that_match_the_training_code(tiny_world, tiny_clip, baseline_run, tmp_path):

@@ -147,12 +147,11 @@ class PoleTrainer(ClipGuidedTrainer):
         dim = self.class_text.shape[1]
         self.image_adaptor, self.text_adaptor = ClipAdapter(dim), ClipAdapter(dim)
         self.candidates = load_candidates(cfg, self.dataset.class_names)
-        if self.choices_path.exists():
-            self.choices = read_json(self.choices_path)["choices"]
-        else:
-            self.choices = select_prompts(self.net, self.clip, self.tokenizer, self.dataset, self.candidates,
-                                          self.guide.class_template)
-            write_json_atomic(self.choices_path, {"candidates": self.candidates, "choices": self.choices})
+        # chosen afresh on every start, resume included (deterministic, one CLIP pass): a file left by
+        # an earlier run in this folder may come from another CLIP or starting network
+        self.choices = select_prompts(self.net, self.clip, self.tokenizer, self.dataset, self.candidates,
+                                      self.guide.class_template)
+        write_json_atomic(self.choices_path, {"candidates": self.candidates, "choices": self.choices})
         names = sorted({n for names in self.candidates.values() for n in names})
         self.name_index = {n: i for i, n in enumerate(names)}
         self.name_text = self.prompt_features(self.guide.class_template, names)
