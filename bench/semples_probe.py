@@ -5,7 +5,10 @@ measures, over images where class k has both object and context pixels:
 
 1. what the learned prompt p_k matches: s(view, p_k) for the image masked to the ground-truth
    object, object + context, and context alone (hard masks), and cos(p_k, "a photo of the {context}.");
-2. which way each stage-(c) term pushes S's masks: the descent direction -dL/dM_k averaged over the
+2. how s(view, p_k) grows with the context's mask value a (view masked by object + a * context, a in
+   0..1) next to the mask value S itself puts on the context: where the curve is flat at S's value,
+   the suppression term has no slope to pull the mask down with;
+3. which way each stage-(c) term pushes S's masks: the descent direction -dL/dM_k averaged over the
    object pixels and over the context pixels, at S's own min-max masks. A refinement term that
    suppresses the context has a negative mean on context pixels (it wants M_k lower there).
 
@@ -33,6 +36,7 @@ from promptseg.train.methods import SemplesRefineTrainer, minmax_maps
 
 RESULTS = Path(__file__).with_name("results")
 VIEWS = ("object", "object+context", "context")
+CONTEXT_LEVELS = (0.0, 0.1, 0.25, 0.5, 0.75, 1.0)
 TERMS = ("otm", "btm", "refine")
 
 
@@ -50,6 +54,8 @@ def probe(run: Path, images: int, min_pixels: int = 20) -> dict:
     contexts = {c.name: c.context for c in WORLD_CLASSES}
     context_text = trainer.prompt_features(trainer.guide.background_template, [contexts[n] for n in names])
     sims = {n: {v: [] for v in VIEWS} for n in names}
+    by_level = {n: [] for n in names}
+    s_on_context = {n: [] for n in names}
     push = {n: {t: {"object": [], "context": []} for t in TERMS} for n in names}
     for index in range(min(images, len(trainer.dataset))):
         sample = trainer.dataset[index]
@@ -66,6 +72,8 @@ def probe(run: Path, images: int, min_pixels: int = 20) -> dict:
                 feats = _hard_views(trainer, image01, [obj, obj | ctx, ctx])
                 for view, value in zip(VIEWS, (feats @ trainer.prompt_text[k]).tolist(), strict=True):
                     sims[names[k]][view].append(value)
+                levels = _hard_views(trainer, image01, [obj + a * ctx for a in CONTEXT_LEVELS])
+                by_level[names[k]].append((levels @ trainer.prompt_text[k]).tolist())
             cams = F.interpolate(trainer.net(imagenet_normalise(image01)), size=image01.shape[-2:],
                                  mode="bilinear", align_corners=False)
         maps = minmax_maps(cams, 0.1).requires_grad_(True)
@@ -76,6 +84,8 @@ def probe(run: Path, images: int, min_pixels: int = 20) -> dict:
         for name, term in terms.items():
             (grad,) = torch.autograd.grad(term, maps, retain_graph=True)
             for k in present:
+                if name == "refine":
+                    s_on_context[names[k]].append(float(maps[0, k].detach().numpy()[context == k + 1].mean()))
                 descent = -grad[0, k].numpy()
                 push[names[k]][name]["object"].append(float(descent[mask == k + 1].mean()))
                 push[names[k]][name]["context"].append(float(descent[context == k + 1].mean()))
@@ -83,6 +93,9 @@ def probe(run: Path, images: int, min_pixels: int = 20) -> dict:
         "run": str(run), "generator": cfg.guidance.init_from, "prompts": cfg.guidance.prompts_from,
         "prompt_context_text_cos": {n: float(trainer.prompt_text[k] @ context_text[k]) for k, n in enumerate(names)},
         "prompt_similarity": {n: {v: float(np.mean(x)) for v, x in d.items()} for n, d in sims.items()},
+        "context_levels": list(CONTEXT_LEVELS),
+        "prompt_similarity_by_context_level": {n: np.mean(x, axis=0).tolist() for n, x in by_level.items()},
+        "generator_mask_on_context": {n: float(np.mean(x)) for n, x in s_on_context.items()},
         "descent_x1e4": {n: {t: {where: float(1e4 * np.mean(x)) for where, x in d.items()} for t, d in ts.items()}
                          for n, ts in push.items()},
         "pairs": {n: len(d["object"]) for n, d in sims.items()},
@@ -106,6 +119,14 @@ def to_markdown(result: dict) -> str:
     for name, d in result["prompt_similarity"].items():
         lines.append(f"| {name} | {d['object']:.3f} | {d['object+context']:.3f} | {d['context']:.3f} | "
                      f"{result['prompt_context_text_cos'][name]:.2f} | {result['pairs'][name]} |")
+    levels = result["context_levels"]
+    lines += ["", "## s(view, p_k) as the context's mask value a grows (view = object + a * context)", "",
+              "S's own mask on the context (min-max, as stage (c) sees it) in the last column.", "",
+              "| class | " + " | ".join(f"a={a:g}" for a in levels) + " | S's mask on context |",
+              "|---|" + "---|" * (len(levels) + 1)]
+    for name, values in result["prompt_similarity_by_context_level"].items():
+        lines.append(f"| {name} | " + " | ".join(f"{v:.3f}" for v in values)
+                     + f" | {result['generator_mask_on_context'][name]:.2f} |")
     lines += ["", "## Which way each stage-(c) term moves S's masks (-dL/dM x 1e4, mean over pixels)", "",
               "Negative on context = the term pulls the mask off the context.", "",
               "| class | otm obj | otm ctx | btm obj | btm ctx | refine obj | refine ctx |",
