@@ -9,7 +9,7 @@ from PIL import Image
 
 from promptseg.cli import main
 from promptseg.errors import ConfigError
-from promptseg.pipeline import CAM_METHODS, PipelineConfig, _stage, method_guidance, run_pipeline
+from promptseg.pipeline import CAM_METHODS, PipelineConfig, _stage, method_guidance, reproduction_checks, run_pipeline
 from promptseg.train.pseudo import crf_available
 
 
@@ -50,6 +50,11 @@ def test_pipeline_report_holds_every_stage(tiny_demo):
         row = report["methods"][method]
         assert f"| {method} | {row['cam_miou']:.1f} | {row['context_leak']:.3f} | {row['pseudo_mask_miou']:.1f} |" \
             in markdown
+    assert report["checks"] == reproduction_checks(report["methods"], report["seg_val_miou"],
+                                                   report["seg_val_miou_gt_trained"], report["calibration"])
+    assert len(report["checks"]) == 8  # all four methods, the segmenter and both INT8 targets
+    for name, ok in report["checks"].items():
+        assert f"- {name}: {'yes' if ok else 'NO'}" in markdown
     for picture in ("examples.png", "latency_vs_miou.png"):
         with Image.open(tiny_demo / picture) as img:
             assert img.width > 100 and img.height > 100
@@ -110,3 +115,20 @@ def test_a_given_tiny_clip_keeps_the_tiny_clip_wording():
     assert given.class_template == "a photo of a {}." and given.cbs_threshold is None  # the tiny CLIP's
     real = method_guidance(PipelineConfig(clip_model="ViT-B-32", clip_pretrained="openai"), "clims", "openai", "b")
     assert real.class_template == "a photo of {}." and real.cbs_threshold == 0.26  # METHODS.md's
+
+
+def test_reproduction_checks_follow_the_training_issue():
+    methods = {"baseline": {"cam_miou": 40.0, "context_leak": 0.5},
+               "clims": {"cam_miou": 43.0, "context_leak": 0.4},
+               "pole": {"cam_miou": 42.9, "context_leak": 0.3, "prompt_changed_share": 0.2},
+               "semples": {"cam_miou": 43.0, "context_leak": 0.4}}
+    gates = {"cpu": {"gate_passed": True}, "tensorrt": {"gate_passed": False}}
+    checks = reproduction_checks(methods, 60.0, 70.0, gates)
+    assert checks == {"clims_beats_baseline_by_3": True, "pole_changes_prompts": True, "pole_at_least_clims": False,
+                      "semples_leaks_less_than_clims": False, "semples_at_least_clims": True,
+                      "seg_within_10_of_gt": True, "int8_gate_cpu": True, "int8_gate_tensorrt": False}
+    assert reproduction_checks(methods, 59.9, 70.0)["seg_within_10_of_gt"] is False
+    # a run of some methods gets only the checks its methods allow
+    assert reproduction_checks({m: methods[m] for m in ("baseline", "semples")}, None, None) == {}
+    no_contexts = {m: {**row, "context_leak": None} for m, row in methods.items()}  # real data: no ContextMasks
+    assert "semples_leaks_less_than_clims" not in reproduction_checks(no_contexts, None, None)
