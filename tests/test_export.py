@@ -80,6 +80,16 @@ def test_parity_gate_fails_when_a_weight_changes_after_export(tiny_demo, tiny_ex
     assert err.value.result["max_abs_diff"] > 1e-3
 
 
+def test_parity_gate_fails_on_nan_outputs(tiny_demo, tiny_export):
+    module = SegmenterForExport(load_segmenter(tiny_demo / "seg_semples")[0])
+    batches = parity_batches(str(tiny_demo / "data"), "val", 4)
+    with torch.no_grad():
+        next(m for m in module.modules() if isinstance(m, torch.nn.Conv2d)).weight.fill_(float("nan"))
+    with pytest.raises(ParityError, match=r"max \|diff\| nan") as err:
+        check_parity(module, tiny_export / "segmenter.onnx", SEGMENTER, batches, ParityBounds())
+    assert np.isnan(err.value.result["max_abs_diff"])
+
+
 def test_folded_semples_features_equal_the_training_code(tiny_demo, tiny_export):
     from promptseg.train.methods import load_text_features
 
