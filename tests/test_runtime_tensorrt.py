@@ -33,6 +33,7 @@ from promptseg.runtime.engine_cache import (
     cache_decision,
     manifest_path,
     parse_shape,
+    read_manifest,
 )
 from promptseg.runtime.precision import precision_of
 from promptseg.runtime.spec import read_metadata
@@ -427,3 +428,13 @@ def test_real_tensorrt_engine_agrees_with_onnxruntime(tmp_path):
         expected, got = reference.infer({"image": x}), runner.infer({"image": x})
     np.testing.assert_allclose(got["logits"], expected["logits"], atol=1e-3)
     assert (got["labels"] == expected["labels"]).mean() > 0.99
+
+
+@pytest.mark.parametrize("content", [b'{"key": \xff}', b"[1, 2]", b'{"engine_sha256": "ab"}', b'{"key": {}}'])
+def test_an_unreadable_manifest_means_rebuild_not_a_crash(tmp_path, content):
+    engine = tmp_path / "model.fp32.abc.engine"
+    engine.write_bytes(b"engine bytes")
+    manifest_path(engine).write_bytes(content)
+    assert read_manifest(engine) is None
+    with pytest.raises(PromptsegError, match="no readable model.fp32.abc.engine.json"):
+        precision_of(engine)

@@ -79,11 +79,15 @@ def manifest_path(engine_path: Path) -> Path:
 
 
 def read_manifest(engine_path: Path) -> dict | None:
+    """The engine's manifest, or None when missing or unreadable (bad bytes, not JSON, no key with
+    a precision): such an engine is rebuilt or refused, never loaded on a guess."""
     path = manifest_path(engine_path)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # ValueError: JSONDecodeError and UnicodeDecodeError
         return None
+    key = manifest.get("key") if isinstance(manifest, dict) else None
+    return manifest if isinstance(key, dict) and "precision" in key else None
 
 
 def mismatches(cached: dict, wanted: dict, fields=None) -> list[str]:
