@@ -1,8 +1,8 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,11 +17,9 @@ WORKER = Path(__file__).with_name("ddp_worker.py")
 
 
 def _torchrun(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
-    torchrun = shutil.which("torchrun")
-    if torchrun is None:
-        pytest.skip("torchrun is not on PATH")
-    return subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", str(WORKER), *args],
-                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    """torchrun as this interpreter's module: it runs wherever torch is installed, PATH or not."""
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(WORKER), *args], capture_output=True, text=True, timeout=600, cwd=tmp_path)
 
 
 def test_two_gloo_processes_train_one_model(tiny_world, tiny_clip, baseline_run, tmp_path):

@@ -142,3 +142,29 @@ def test_export_cli_names_a_missing_stage(tiny_demo, tmp_path):
     result = CliRunner().invoke(main, ["export", str(tiny_demo), "--method", "pole", "--out", str(tmp_path)])
     assert result.exit_code == 1
     assert "seg_pole: not found" in result.output
+
+
+@pytest.mark.parametrize("size_hw", [(40, 48), (61, 97)])
+def test_exported_graphs_equal_the_trained_networks_at_odd_sizes(tiny_demo, tiny_export, size_hw):
+    """The ONNX against the training code's own forward (not the export wrapper), at sizes that resize."""
+    import onnxruntime as ort
+
+    from promptseg.train.cams import imagenet_normalise, infer_cams
+    from promptseg.train.pseudo import load_cam_run
+
+    rng = np.random.default_rng(sum(size_hw))
+    images = rng.integers(0, 256, (2, *size_hw, 3), dtype=np.uint8)
+    x = images.transpose(0, 3, 1, 2).astype(np.float32) / 255
+    segmenter, _ = load_segmenter(tiny_demo / "seg_semples")
+    with torch.no_grad():
+        expected = segmenter(imagenet_normalise(torch.from_numpy(x))).numpy()
+    session = ort.InferenceSession(str(tiny_export / "segmenter.onnx"), providers=["CPUExecutionProvider"])
+    logits, labels = session.run(["logits", "labels"], {"image": x})
+    assert logits.shape == expected.shape == (2, expected.shape[1], *size_hw)
+    np.testing.assert_allclose(logits, expected, atol=1e-4, rtol=1e-4)
+    assert (labels == expected.argmax(1)).mean() >= 0.999
+    net, _, _ = load_cam_run(tiny_demo / "semples")
+    cams = infer_cams(net, images, np.ones((2, net.num_classes)), scales=(1.0,), flip=False)
+    session = ort.InferenceSession(str(tiny_export / "cam.onnx"), providers=["CPUExecutionProvider"])
+    got = session.run(["cams"], {"image": x})[0]
+    np.testing.assert_allclose(got, cams, atol=1e-4)

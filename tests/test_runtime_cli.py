@@ -122,6 +122,33 @@ def test_infer_accepts_globbed_files_and_succeeds_with_exit_0(models, tmp_path):
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["precision"] == "int8"
 
 
+def test_infer_writes_each_file_its_own_mask_in_mixed_batches(models, tmp_path):
+    """Every written mask equals the runner on that file alone, whatever batch it shared."""
+    from promptseg.runtime.backends import open_runner
+    from promptseg.runtime.infer import load_input
+    from promptseg.runtime.processing import fit_sides, resize_labels, stack_batch
+    from promptseg.runtime.spec import MIN_SIDE
+
+    rng = np.random.default_rng(7)
+    files = []
+    for i, (width, height) in enumerate([(48, 40)] * 4 + [(97, 61)] * 3 + [(48, 40)]):
+        files.append(tmp_path / f"img{i}.png")
+        Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(files[-1])
+    out = tmp_path / "out"
+    result = _run(["infer", models["fp32"], "--input", *files, "--out", out, "--batch", "4", "--max-side", "96"])
+    assert result.exit_code == 0, result.output
+    written = {}
+    with open_runner(str(models["fp32"]), "onnxruntime") as runner:
+        for path in files:
+            original = load_input(path, 10**6)
+            alone = runner.infer({"image": stack_batch([fit_sides(original, MIN_SIDE, 96)])})["labels"][0]
+            written[path.stem] = np.asarray(Image.open(out / "masks" / f"{path.stem}.png"))
+            np.testing.assert_array_equal(written[path.stem], resize_labels(alone, original.shape[:2]),
+                                          err_msg=path.name)
+    same_size = [written[f"img{i}"] for i in (0, 1, 2, 3, 7)]  # a swap among these would show
+    assert all(not np.array_equal(a, b) for i, a in enumerate(same_size) for b in same_size[i + 1:])
+
+
 def test_infer_refuses_a_cam_model(models, tmp_path):
     Image.new("RGB", (20, 20)).save(tmp_path / "a.png")
     result = _run(["infer", models["cam"], "--input", tmp_path / "a.png", "--out", tmp_path / "out"])

@@ -24,6 +24,7 @@ from test_runtime_models import tiny_segmenter
 import promptseg.runtime.backends.tensorrt as trt_backend
 from promptseg.errors import PromptsegError
 from promptseg.runtime.backends import BackendOptions, open_runner
+from promptseg.runtime.backends.base import InferenceError
 from promptseg.runtime.backends.tensorrt import BuildPlan, default_profile, network_flags, plan_build
 from promptseg.runtime.cuda_memory import CudaApi, CudaError, HostDeviceBuffer, load_cuda
 from promptseg.runtime.engine_cache import (
@@ -168,6 +169,7 @@ class NumpyCuda(CudaApi):
         self.memory: dict[int, np.ndarray] = {}
         self.host_live = 0
         self._next = 4096
+        self.pending: list = []  # work queued on the stream: it happens at stream_synchronize, as on a GPU
 
     def device_info(self):
         return "Fake GPU", "8.7"
@@ -192,15 +194,21 @@ class NumpyCuda(CudaApi):
 
     def stream_synchronize(self, stream):
         assert stream == 7
+        while self.pending:
+            self.pending.pop(0)()
 
     def stream_destroy(self, stream):
         assert stream == 7
 
     def memcpy_htod_async(self, dst, src, stream):
-        self.memory[dst][: src.nbytes] = np.ascontiguousarray(src).view(np.uint8).reshape(-1)
+        def copy():
+            self.memory[dst][: src.nbytes] = np.ascontiguousarray(src).view(np.uint8).reshape(-1)
+        self.pending.append(copy)
 
     def memcpy_dtoh_async(self, dst, src, stream):
-        dst.view(np.uint8).reshape(-1)[:] = self.memory[src][: dst.nbytes]
+        def copy():
+            dst.view(np.uint8).reshape(-1)[:] = self.memory[src][: dst.nbytes]
+        self.pending.append(copy)
 
     def close(self):
         pass
@@ -233,6 +241,7 @@ def fake_tensorrt(version: str, cuda: NumpyCuda) -> types.ModuleType:
     trt = types.ModuleType("tensorrt")
     trt.__version__ = version
     trt.builds = []
+    trt.fail = set()  # what the fake refuses, on request: parse, build, deserialize, shape, execute
     trt.Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda self, level=2: None})
     trt.BuilderFlag = _Enum(FP16=0, INT8=1) if version.startswith("10.") else _Enum()
     trt.NetworkDefinitionCreationFlag = _Enum(STRONGLY_TYPED=5)
@@ -254,7 +263,13 @@ def fake_tensorrt(version: str, cuda: NumpyCuda) -> types.ModuleType:
 
         def parse_from_file(self, path):
             self.network.onnx = Path(path).read_bytes()
+            if "parse" in trt.fail:
+                self.num_errors = 1
+                return False
             return True
+
+        def get_error(self, i):
+            return types.SimpleNamespace(desc=lambda: "Unsupported operator: FakeOp")
 
     class Profile(dict):
         def set_shape(self, name, low, opt, high):
@@ -291,6 +306,8 @@ def fake_tensorrt(version: str, cuda: NumpyCuda) -> types.ModuleType:
         create_optimization_profile = staticmethod(Profile)
 
         def build_serialized_network(self, network, config):
+            if "build" in trt.fail:
+                return None
             trt.builds.append({"network_flags": network.flags, "flags": config.flags, "pool": config.pool,
                                "profile": config.profiles[0]["image"]})
             return pickle.dumps((network.onnx, config.profiles[0]["image"]))
@@ -300,6 +317,8 @@ def fake_tensorrt(version: str, cuda: NumpyCuda) -> types.ModuleType:
             self.engine, self.shapes, self.addresses = engine, {}, {}
 
         def set_input_shape(self, name, shape):
+            if "shape" in trt.fail:
+                return False
             self.shapes[name] = tuple(shape)
             return True
 
@@ -312,11 +331,16 @@ def fake_tensorrt(version: str, cuda: NumpyCuda) -> types.ModuleType:
             self.addresses[name] = ptr
 
         def execute_async_v3(self, stream):
-            shape = self.shapes["image"]
-            x = cuda.memory[self.addresses["image"]][: int(np.prod(shape)) * 4].view(np.float32).reshape(shape)
-            for out, value in zip(["logits", "labels"], self.engine.session.run(["logits", "labels"], {"image": x}),
-                                  strict=True):
-                cuda.memory[self.addresses[out]][: value.nbytes] = value.view(np.uint8).reshape(-1)
+            if "execute" in trt.fail:
+                return False
+            shape, addresses = self.shapes["image"], dict(self.addresses)
+
+            def run():  # on the stream: after the queued input copies, before the output copies
+                x = cuda.memory[addresses["image"]][: int(np.prod(shape)) * 4].view(np.float32).reshape(shape)
+                outputs = self.engine.session.run(["logits", "labels"], {"image": x})
+                for out, value in zip(["logits", "labels"], outputs, strict=True):
+                    cuda.memory[addresses[out]][: value.nbytes] = value.view(np.uint8).reshape(-1)
+            cuda.pending.append(run)
             return True
 
     class Engine:
@@ -347,7 +371,8 @@ def fake_tensorrt(version: str, cuda: NumpyCuda) -> types.ModuleType:
 
     trt.Builder = Builder
     trt.OnnxParser = Parser
-    trt.Runtime = lambda logger: types.SimpleNamespace(deserialize_cuda_engine=Engine)
+    trt.Runtime = lambda logger: types.SimpleNamespace(
+        deserialize_cuda_engine=lambda data: None if "deserialize" in trt.fail else Engine(data))
     return trt
 
 
@@ -400,6 +425,45 @@ def test_fake_tensorrt_runner_matches_onnxruntime_and_caches_its_engine(fake_dev
     with pytest.raises(PromptsegError, match=r"built for another GPU or TensorRT \(tensorrt: cached '10.3.0' \| "
                                              r"now '11.0.0'\)"):
         open_runner(engine, "tensorrt").activate()
+
+
+@pytest.mark.parametrize("failure, error, match", [
+    ("parse", PromptsegError, "TensorRT's ONNX parser failed: Unsupported operator: FakeOp"),
+    ("build", PromptsegError, r"TensorRT could not build an engine \(.*profile 1x3x16x16"),
+    ("deserialize", PromptsegError, "TensorRT could not deserialize the engine"),
+    ("shape", InferenceError, r"TensorRT refused input 'image' of shape \(1, 3, 24, 24\)"),
+    ("execute", InferenceError, r"execute_async_v3 failed on image \(1, 3, 24, 24\)"),
+])
+def test_fake_tensorrt_failures_are_named_and_free_every_buffer(fake_device, tmp_path, failure, error, match):
+    cuda, install = fake_device
+    trt = install("10.3.0")
+    model = tiny_segmenter(tmp_path / "seg.onnx")
+    trt.fail.add(failure)
+    x = np.zeros((1, 3, 24, 24), np.float32)
+    with pytest.raises(error, match=match):
+        with open_runner(model, "tensorrt", BackendOptions(max_batch=1, max_side=64)) as runner:
+            runner.infer({"image": x})
+    assert cuda.memory == {} and cuda.host_live == 0
+    if failure in ("parse", "build"):
+        assert not list((tmp_path / "engines").glob("*.engine"))  # nothing half-built is cached
+
+
+def test_fake_tensorrt_rebuilds_when_the_onnx_at_the_same_path_changes(fake_device, tmp_path):
+    _, install = fake_device
+    trt = install("10.3.0")
+    model = tiny_segmenter(tmp_path / "seg.onnx", seed=0)
+    x = np.random.default_rng(1).random((1, 3, 24, 24), dtype=np.float32)
+    options = BackendOptions(max_batch=1, max_side=64)
+    with open_runner(model, "tensorrt", options) as runner:
+        first = runner.infer({"image": x})["logits"]
+    tiny_segmenter(model, seed=1)  # a retrained model exported over the old file
+    with open_runner(model, "onnxruntime") as reference:
+        expected = reference.infer({"image": x})["logits"]
+    with open_runner(model, "tensorrt", options) as runner:
+        assert runner.cache_note.startswith("built (no cached engine)"), runner.cache_note
+        got = runner.infer({"image": x})["logits"]
+    assert len(trt.builds) == 2 and not np.allclose(first, expected)
+    np.testing.assert_array_equal(got, expected)  # the new model's outputs, not the stale engine's
 
 
 def test_fake_tensorrt_11_refuses_fp16_from_an_fp32_graph(fake_device, tmp_path):
