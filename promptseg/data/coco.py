@@ -16,11 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
 from ..errors import DataError, PromptsegError
 from ..io import read_json
-from .images import load_rgb
+from .images import image_size, load_rgb
 from .palette import IGNORE_INDEX
 
 SPLITS = ("train", "val")
@@ -71,13 +70,7 @@ class COCOSample:
 
     def _check_size(self) -> None:
         """The annotation's height/width must match the file, or masks and images disagree."""
-        try:
-            with Image.open(self.image_path) as img:
-                width, height = img.size
-        except FileNotFoundError:
-            raise DataError(f"{self.image_path}: image file not found") from None
-        except (UnidentifiedImageError, OSError) as exc:
-            raise DataError(f"{self.image_path}: unreadable image header ({exc})") from None
+        width, height = image_size(self.image_path)  # as load_rgb returns it: EXIF orientation applied
         if (width, height) != (self.width, self.height):
             raise DataError(
                 f"{self.image_path}: image size {width}x{height} (WxH) | expected {self.width}x{self.height} "

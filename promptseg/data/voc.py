@@ -14,11 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
 from ..errors import DataError
 from ..io import atomic_write, read_json
-from .images import load_mask, load_rgb
+from .images import image_size, load_mask, load_rgb
 from .palette import IGNORE_INDEX
 
 VOC_CLASSES: tuple[str, ...] = (
@@ -35,17 +34,6 @@ _LIST_DIR = Path("ImageSets") / "Segmentation"
 # ----------------------------------------------------------------------------- samples
 
 
-def _image_size(path: Path) -> tuple[int, int]:
-    """``(width, height)`` from the image header, without decoding the pixels."""
-    try:
-        with Image.open(path) as img:
-            return img.size
-    except FileNotFoundError:
-        raise DataError(f"{path}: image file not found") from None
-    except (UnidentifiedImageError, OSError) as exc:
-        raise DataError(f"{path}: unreadable image header ({exc})") from None
-
-
 def _checked_ids(path: Path, image_path: Path, num_classes: int, what: str) -> np.ndarray:
     """Load an id mask and check its ids and size against the image, so bad files fail loudly."""
     ids = load_mask(path)
@@ -55,7 +43,7 @@ def _checked_ids(path: Path, image_path: Path, num_classes: int, what: str) -> n
         raise DataError(
             f"{path}: {what} ids {bad} out of range | expected 0..{num_classes} or {IGNORE_INDEX}"
         )
-    width, height = _image_size(image_path)
+    width, height = image_size(image_path)  # as load_rgb returns it (EXIF orientation applied)
     if ids.shape != (height, width):
         raise DataError(
             f"{path}: {what} size {ids.shape[1]}x{ids.shape[0]} (WxH) differs from image "
