@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from ..data.cache import DecodedCache
+from ..data.images import image_size
 from ..data.voc import VOCDataset
 from ..errors import PromptsegError
 from ..io import write_json_atomic
@@ -33,6 +35,7 @@ from .cams import (
 from .checkpoint import capture_rng, check_resume_config, config_record, load_checkpoint, restore_rng, save_checkpoint
 from .config import CamTrainConfig
 from .distributed import Runtime, average_gradients, broadcast_parameters, setup
+from .hardware import Throughput, count_flops, precision_facts
 
 
 class CamCrops(Dataset):
@@ -43,13 +46,14 @@ class CamCrops(Dataset):
 
     def __init__(self, dataset: VOCDataset, crop: int, scale_range: tuple[float, float]):
         self.dataset, self.crop, self.scale_range = dataset, crop, scale_range
+        self.decoded = DecodedCache()
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, index: int):
         sample = self.dataset[index]
-        image = torch.tensor(sample.load_image()).permute(2, 0, 1).float()[None] / 255.0
+        image = torch.tensor(self.decoded.get(index, sample.load_image)).permute(2, 0, 1).float()[None] / 255.0
         scale = random.uniform(*self.scale_range)
         height, width = image.shape[-2:]
         size = (max(int(height * scale), 8), max(int(width * scale), 8))
@@ -168,6 +172,8 @@ class CamTrainer:
         broadcast_parameters(extra_params, runtime)  # DDP does this for the network itself
 
         started = time.perf_counter()
+        throughput, step_flops = Throughput(), None
+        throughput.start()
         log_path = self.out / "log.jsonl"
         if start_epoch == 0 and log_path.exists() and runtime.is_main:
             log_path.unlink()
@@ -187,14 +193,23 @@ class CamTrainer:
                     group["lr"] = _poly_lr(group["base_lr"], step, total_steps)
                 images01 = runtime.images(images01)
                 labels, rows = labels.to(runtime.device), rows.to(runtime.device)
-                with runtime.autocast():
-                    cams = model(imagenet_normalise(images01))
-                    terms = self.method_loss(images01, cams, labels, rows)
-                loss = sum(terms.values()).float()
-                if not torch.isfinite(loss):
-                    raise PromptsegError(f"loss became {loss.item()} at step {step}: lower the learning rate")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+
+                def forward_backward(images01=images01, labels=labels, rows=rows, step=step):
+                    with runtime.autocast():
+                        cams = model(imagenet_normalise(images01))
+                        terms = self.method_loss(images01, cams, labels, rows)
+                    loss = sum(terms.values()).float()
+                    if not torch.isfinite(loss):
+                        raise PromptsegError(f"loss became {loss.item()} at step {step}: lower the learning rate")
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    return terms, loss
+
+                if step_flops is None:  # the first step of a session is counted, later ones estimated from it
+                    (terms, loss), step_flops = count_flops(forward_backward)
+                else:
+                    terms, loss = forward_backward()
+                throughput.add(len(images01), step_flops)
                 average_gradients(extra_params, runtime)
                 optimizer.step()
                 for name, value in terms.items():
@@ -210,6 +225,7 @@ class CamTrainer:
                 })
             runtime.barrier()
         bar.close()
+        throughput.stop()
         train_seconds = time.perf_counter() - started
         report: dict = {}
         if runtime.is_main:
@@ -219,9 +235,8 @@ class CamTrainer:
             self.net.float()  # evaluation in fp32 on the training device
             report = {"method": cfg.method, "seed": cfg.seed, "train_seconds_this_session": round(train_seconds, 1),
                       "device": str(runtime.device), "world_size": runtime.world_size,
-                      "amp": str(runtime.amp_dtype).replace("torch.", "") if runtime.amp_dtype else "fp32",
-                      "train_images_per_s": round(len(loader) * cfg.batch_size * (cfg.epochs - start_epoch)
-                                                  / max(train_seconds, 1e-9), 1),
+                      **precision_facts(runtime.amp_dtype, runtime.channels_last),
+                      "train_throughput": throughput.report(),
                       **self.run_facts(), **self.evaluate(show_progress=show_progress)}
             self.save_pictures(report["background_threshold"])
             write_json_atomic(self.out / "report.json", report)
@@ -301,12 +316,9 @@ def _pictures(net, samples, threshold: float, scales) -> list[list[np.ndarray]]:
 
 def same_size_chunks(dataset: VOCDataset, batch_size: int):
     """Consecutive samples grouped while their image sizes agree (real datasets vary; worlds do not)."""
-    from PIL import Image
-
     chunk, size = [], None
     for sample in dataset:
-        with Image.open(sample.image_path) as img:
-            this = img.size
+        this = image_size(sample.image_path)  # as load_image returns it
         if chunk and (this != size or len(chunk) == batch_size):
             yield chunk
             chunk = []

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from ..data.palette import IGNORE_INDEX
 from ..eval import ConfusionMatrix, ContextLeak
+from .hardware import Throughput, autocast, count_flops, to_memory_format
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -27,13 +28,16 @@ def imagenet_normalise(images01: torch.Tensor) -> torch.Tensor:
     return (images01 - mean) / std
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def infer_cams(net, images_u8: np.ndarray, labels: np.ndarray, scales: Sequence[float] = (1.0, 0.5, 1.5, 2.0),
-               flip: bool = True) -> np.ndarray:
+               flip: bool = True, *, channels_last: bool = True, amp_dtype: torch.dtype | None = None,
+               throughput: Throughput | None = None) -> np.ndarray:
     """Multi-scale, flipped CAMs of a batch of same-size images.
 
     ``images_u8``: ``B x H x W x 3`` uint8 RGB; ``labels``: ``B x C`` multi-hot. Returns
-    ``B x C x H x W`` float32 in 0..1, zero for classes an image is not labelled with.
+    ``B x C x H x W`` float32 in 0..1, zero for classes an image is not labelled with. The network
+    runs on NHWC inputs (``channels_last``) and under ``amp_dtype`` autocast when given; maps are
+    summed in fp32. ``throughput`` gets the images and FLOPs of the pass.
     """
     device = next(net.parameters()).device
     images = torch.from_numpy(np.array(images_u8, dtype=np.float32)).to(device).permute(0, 3, 1, 2) / 255.0
@@ -43,10 +47,19 @@ def infer_cams(net, images_u8: np.ndarray, labels: np.ndarray, scales: Sequence[
     for scale in scales:
         size = (max(int(round(height * scale)), 8), max(int(round(width * scale)), 8))
         scaled = F.interpolate(images, size=size, mode="bilinear", align_corners=False) if scale != 1.0 else images
-        cams = F.relu(net(torch.cat([scaled, scaled.flip(-1)]) if flip else scaled))
+        scaled = to_memory_format(torch.cat([scaled, scaled.flip(-1)]) if flip else scaled, channels_last)
+        with autocast(device, amp_dtype):
+            if throughput is not None:
+                raw, flops = count_flops(lambda x=scaled: net(x))
+                throughput.add(0, flops)
+            else:
+                raw = net(scaled)
+        cams = F.relu(raw.float())
         if flip:
             cams = cams[:batch] + cams[batch:].flip(-1)
         total += F.interpolate(cams, size=(height, width), mode="bilinear", align_corners=False)
+    if throughput is not None:
+        throughput.add(batch, 0)
     total[~torch.from_numpy(np.asarray(labels) > 0).to(device)] = 0
     peak = total.flatten(2).amax(2).clamp_min(1e-5)[..., None, None]
     return (total / peak).cpu().numpy()

@@ -95,7 +95,7 @@ def encode_prompts(model, tokenizer, prompts: list[str], device="cpu") -> torch.
     return F.normalize(model.encode_text(tokens), dim=-1)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def zero_shot_scores(model, tokenizer, images_u8: np.ndarray, class_names: list[str],
                      batch_size: int = 256) -> np.ndarray:
     """Cosine similarity of every image (``N x H x W x 3`` uint8) with ``a photo of a {class}.``."""
@@ -335,7 +335,6 @@ def train_clip(cfg: ClipTrainConfig, *, resume: bool = False, show_progress: boo
     config_src = MODEL_CONFIG_DIR / f"{cfg.model}.json"
     if config_src.exists():  # travels with the weights so the checkpoint loads anywhere
         (out / config_src.name).write_text(config_src.read_text())
-    mean_ap, per_class = zero_shot_map(model, tokenizer, val_set)
     report = {
         "stage": "clip",
         "model": cfg.model,
@@ -345,11 +344,37 @@ def train_clip(cfg: ClipTrainConfig, *, resume: bool = False, show_progress: boo
         "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
         "train_seconds_this_session": round(train_seconds, 1),
         "final_loss": float(np.mean(losses[-20:])) if losses else None,
-        "clip_zero_shot_map": mean_ap,
-        "clip_zero_shot_ap": per_class,
-        "clip_object_over_context": object_over_context(model, tokenizer, val_set),
+        **clip_scores(model, tokenizer, val_set),
         "checkpoint": str(out / CHECKPOINT_NAME),
     }
     write_json_atomic(out / "report.json", report)
+    return report
+
+
+def clip_scores(model, tokenizer, val_set: VOCDataset) -> dict:
+    """A CLIP's quality on a world's val split: zero-shot mAP and object-over-context shares."""
+    mean_ap, per_class = zero_shot_map(model, tokenizer, val_set)
+    return {"clip_zero_shot_map": mean_ap, "clip_zero_shot_ap": per_class,
+            "clip_object_over_context": object_over_context(model, tokenizer, val_set)}
+
+
+@dataclass(frozen=True)
+class ClipEvalConfig:
+    """Scoring a given CLIP (a prebuilt or downloaded one) on a world's val split."""
+
+    data: str
+    out: str
+    model: str = TINY_CLIP
+    pretrained: str | None = None
+    threads: int = 2
+
+
+def evaluate_clip(cfg: ClipEvalConfig) -> dict:
+    """``out/report.json`` with :func:`clip_scores` of the CLIP ``cfg`` names."""
+    torch.set_num_threads(cfg.threads)
+    model, tokenizer = ClipSpec(cfg.model, cfg.pretrained).load()
+    report = {"stage": "clip", "model": cfg.model, "pretrained": cfg.pretrained,
+              **clip_scores(model, tokenizer, VOCDataset(cfg.data, "val"))}
+    write_json_atomic(Path(cfg.out) / "report.json", report)
     return report
 

@@ -69,8 +69,8 @@ class CamTrainConfig:
     seed: int = 0
     threads: int = 2
     device: str = "cpu"  # cpu, cuda or auto; under torchrun each process takes its LOCAL_RANK GPU
-    amp: bool = False  # autocast to bf16 (fp16 where a GPU lacks bf16)
-    channels_last: bool = False
+    amp: bool | None = None  # bf16 autocast (fp16 on GPUs without bf16); None: where the hardware has bf16
+    channels_last: bool | None = None  # NHWC; None: on
     guidance: ClipGuidance | None = None  # the CLIP-guided methods' settings
 
     def validate(self) -> None:

@@ -9,7 +9,6 @@ everything runs in one process, as before.
 from __future__ import annotations
 
 import atexit
-import contextlib
 import os
 from dataclasses import dataclass
 
@@ -17,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import ConfigError
+from .hardware import autocast, resolve_amp, resolve_channels_last
 
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -41,9 +41,7 @@ class Runtime:
 
     def autocast(self):
         """bf16 (fp16 on GPUs without bf16) autocast when AMP is on, a no-op context otherwise."""
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+        return autocast(self.device, self.amp_dtype)
 
     def images(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.device, non_blocking=True)
@@ -64,8 +62,10 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def setup(device: str, amp: bool, channels_last: bool) -> Runtime:
-    """The process's :class:`Runtime`; joins the process group when started by torchrun."""
+def setup(device: str, amp: bool | None, channels_last: bool | None) -> Runtime:
+    """The process's :class:`Runtime`; joins the process group when started by torchrun.
+
+    ``amp``/``channels_last`` None: auto (:mod:`.hardware`: bf16 only where the CPU or GPU has it)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     target = resolve_device(device)
@@ -79,11 +79,7 @@ def setup(device: str, amp: bool, channels_last: bool) -> Runtime:
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if target.type == "cuda" else "gloo")
         atexit.register(_destroy)  # one group per process, kept across stages (SemPLeS runs three)
-    amp_dtype = None
-    if amp:
-        bf16 = target.type == "cpu" or torch.cuda.is_bf16_supported()
-        amp_dtype = torch.bfloat16 if bf16 else torch.float16
-    return Runtime(target, rank, world_size, amp_dtype, channels_last)
+    return Runtime(target, rank, world_size, resolve_amp(amp, target), resolve_channels_last(channels_last))
 
 
 def average_gradients(params, runtime: Runtime) -> None:

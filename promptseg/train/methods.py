@@ -198,7 +198,7 @@ class PoleTrainer(ClipGuidedTrainer):
                 "prompt_changed_share": changed / max(total, 1)}
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def select_prompts(net: CamNet, clip, tokenizer, dataset, candidates: dict[str, list[str]],
                    template: str = CLASS_TEMPLATE, batch_size: int = 64) -> dict[str, dict[str, str]]:
     """POLE step A: per (image, present class), the candidate name CLIP finds most correlated with
@@ -215,16 +215,15 @@ def select_prompts(net: CamNet, clip, tokenizer, dataset, candidates: dict[str, 
         labels = np.stack([s.labels for s in chunk])
         cams = torch.from_numpy(infer_cams(net, images, labels, scales=(1.0,)))
         x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
-        for row, sample in enumerate(chunk):
-            present = np.nonzero(labels[row] > 0)[0]
-            masked = x[row][None] * cams[row, present][:, None]
-            feats = F.normalize(clip.encode_image(clip_normalize(masked, size)), dim=-1)
-            per_image = {}
-            for feat, k in zip(feats, present, strict=True):
-                cls = dataset.class_names[k]
-                probs = (100 * feat @ text[cls].T).softmax(-1)
-                per_image[cls] = candidates[cls][int(probs.argmax())]
-            choices[sample.id] = per_image
+        rows, ks = np.nonzero(labels > 0)  # every (image, present class) of the chunk: one CLIP pass
+        masked = x[rows] * cams[rows, ks][:, None]
+        feats = F.normalize(clip.encode_image(clip_normalize(masked, size)), dim=-1)
+        for sample in chunk:
+            choices[sample.id] = {}
+        for feat, row, k in zip(feats, rows, ks, strict=True):
+            cls = dataset.class_names[k]
+            probs = (100 * feat @ text[cls].T).softmax(-1)
+            choices[chunk[row].id][cls] = candidates[cls][int(probs.argmax())]
     return choices
 
 

@@ -28,6 +28,7 @@ from ..io import read_json, write_bytes_atomic, write_json_atomic
 from .cam_net import CamNet, CamNetConfig
 from .cams import CamScores, cams_to_mask, infer_cams
 from .checkpoint import load_checkpoint
+from .hardware import Throughput, precision_facts, resolve_amp, resolve_channels_last
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,8 @@ class PseudoMaskConfig:
     crf: bool = False
     batch_size: int = 64
     workers: int = 2  # processes running the dense CRF (it is single-threaded C++)
+    amp: bool | None = None  # bf16 CAM inference; None: where the CPU has bf16 units
+    channels_last: bool | None = None
 
     def validate(self) -> None:
         if self.low is not None and self.high is not None and self.high < self.low:
@@ -123,7 +126,7 @@ def crf_runner(workers: int) -> Iterator[CrfMap]:
 
 def score_val(net: CamNet, dataset: VOCDataset, scales: tuple[float, ...], run_crf: CrfMap | None = None,
               levels: tuple[float, ...] = CRF_BACKGROUND_LEVELS, batch_size: int = 64,
-              show_progress: bool = False) -> dict:
+              show_progress: bool = False, **cam_options) -> dict:
     """One pass over a held-out split with masks: the CAMs' best background threshold and, with
     ``run_crf``, the CRF background level with the best mIoU (all ``levels`` at once: CAMs of a real
     val split do not fit in memory, and CAM inference costs more than a few more CRFs).
@@ -139,7 +142,7 @@ def score_val(net: CamNet, dataset: VOCDataset, scales: tuple[float, ...], run_c
     for chunk in tqdm(list(same_size_chunks(dataset, batch_size)), desc="CAM thresholds and CRF levels on val",
                       disable=not show_progress):
         images = np.stack([s.load_image() for s in chunk])
-        cams = infer_cams(net, images, np.stack([s.labels for s in chunk]), scales)
+        cams = infer_cams(net, images, np.stack([s.labels for s in chunk]), scales, **cam_options)
         truths = [sample.load_mask() for sample in chunk]
         for sample_cams, gt in zip(cams, truths, strict=True):
             cam_scores.update(sample_cams, gt, None)
@@ -168,11 +171,16 @@ def make_pseudo_masks(cfg: PseudoMaskConfig, *, show_progress: bool = True) -> d
     dataset = VOCDataset(run_config["data"], cfg.split)
     val_split = run_config.get("val_split")
     held_out = VOCDataset(run_config["data"], val_split) if val_split else None
+    device = next(net.parameters()).device
+    amp_dtype, channels_last = resolve_amp(cfg.amp, device), resolve_channels_last(cfg.channels_last)
+    throughput = Throughput()
+    cam_options = {"channels_last": channels_last, "amp_dtype": amp_dtype, "throughput": throughput}
+    throughput.start()
     with crf_runner(cfg.workers) if cfg.crf else nullcontext() as run_crf:
         val = None
         if held_out is not None and held_out.has_masks:
             val = score_val(net, held_out, cfg.cam_scales, run_crf, batch_size=cfg.batch_size,
-                            show_progress=show_progress)
+                            show_progress=show_progress, **cam_options)
             cam_threshold, cam_source = val["cam_threshold"], f"best on {val_split}"
         else:
             cam_threshold, cam_source = float(run_report["background_threshold"]), "the CAM run's threshold"
@@ -192,7 +200,7 @@ def make_pseudo_masks(cfg: PseudoMaskConfig, *, show_progress: bool = True) -> d
         for chunk in tqdm(list(same_size_chunks(dataset, cfg.batch_size)), desc="pseudo-masks",
                           disable=not show_progress):
             images = np.stack([s.load_image() for s in chunk])
-            cams = infer_cams(net, images, np.stack([s.labels for s in chunk]), cfg.cam_scales)
+            cams = infer_cams(net, images, np.stack([s.labels for s in chunk]), cfg.cam_scales, **cam_options)
             masks = run_crf(images, cams, low) if cfg.crf else [cams_to_mask(c, low) for c in cams]
             for sample, mask, sample_cams in zip(chunk, masks, cams, strict=True):
                 if high > low:
@@ -214,6 +222,7 @@ def make_pseudo_masks(cfg: PseudoMaskConfig, *, show_progress: bool = True) -> d
                     leak.update(np.where(gt == IGNORE_INDEX, IGNORE_INDEX, mask), context)
                 else:
                     has_context = False
+    throughput.stop()
     cams_report = cam_scores.report() if has_gt else {}
     report = {
         "method": run_report.get("method"),
@@ -237,6 +246,8 @@ def make_pseudo_masks(cfg: PseudoMaskConfig, *, show_progress: bool = True) -> d
         "pseudo_mask_context_leak": float(leak.overall()) if has_gt and has_context else None,
         "ignored_share": ignored / max(total, 1),
         "images": len(dataset),
+        **precision_facts(amp_dtype, channels_last),
+        "throughput": throughput.report(),  # val and train images, CRF and PNG writing included
     }
     write_json_atomic(out / "config.json", cfg)
     write_json_atomic(out / "report.json", report)
