@@ -41,7 +41,7 @@ def main() -> None:
 
 @main.group(cls=_Group)
 def data() -> None:
-    """Datasets: generate the synthetic world; VOC/COCO are read in place."""
+    """Datasets: generate the synthetic world, convert a COCO-format export; VOC/COCO are read in place."""
 
 
 @data.command("synth")
@@ -133,8 +133,10 @@ def train_clip_cmd(data_dir, out, model, steps, batch_size, lr, seed, threads, r
 @click.option("--candidates", type=click.Path(exists=True, dir_okay=False),
               help="POLE: JSON {class: [names]} (default: the dataset's classes.json synonyms).")
 @click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), help="Training device [default: cpu].")
-@click.option("--amp/--no-amp", default=None, help="bf16 autocast (fp16 on GPUs without bf16).")
-@click.option("--channels-last/--no-channels-last", default=None, help="NHWC memory format (faster convs on GPU).")
+@click.option("--amp/--no-amp", default=None,
+              help="bf16 autocast (fp16 on GPUs without bf16) [default: on where the CPU/GPU has bf16 units, "
+                   "fp32 elsewhere; the report records which].")
+@click.option("--channels-last/--no-channels-last", default=None, help="NHWC memory format [default: on].")
 @click.option("--resume", is_flag=True, help="Continue the run directory's last checkpoint.")
 def train_cam_cmd(method, data_dir, out, config_file, clip_pretrained, clip_model, init_from, split, backbone, epochs,
                   batch_size, lr, seed, threads, cbs_threshold, background_words, candidates, device, amp,
@@ -294,10 +296,14 @@ def export_cmd(run_dir: Path, out: Path | None, method: str, parity_images: int,
 @click.option("--out", default="runs/demo", show_default=True, type=click.Path(file_okay=False, path_type=Path),
               help="Folder that receives everything of this run.")
 @click.option("--seed", default=0, show_default=True)
-def demo(out: Path, seed: int) -> None:
+@click.option("--from-scratch", is_flag=True,
+              help="Train the tiny CLIP and the CAM backbone in this run (from --seed) instead of taking the "
+                   "package's prebuilt ones (`promptseg prebuilt build`, world seed 0).")
+def demo(out: Path, seed: int, from_scratch: bool) -> None:
     """Run the whole chain on the embedded synthetic world, on a CPU, with nothing downloaded.
 
-    Synthetic world -> tiny CLIP -> CAMs of baseline, CLIMS, POLE, SemPLeS -> pseudo-masks (dense
+    Synthetic world -> tiny CLIP (prebuilt, scored on this world; trained with --from-scratch) ->
+    CAMs of baseline, CLIMS, POLE, SemPLeS -> pseudo-masks (dense
     CRF when the crf extra is installed) -> segmenter on SemPLeS's pseudo-masks (and on ground
     truth, as the reference) -> ONNX export with a parity gate -> INT8 for TensorRT and for this
     CPU with an accuracy gate -> latency bench -> report.md, report.json and PNGs in OUT. Finished
@@ -305,8 +311,30 @@ def demo(out: Path, seed: int) -> None:
     """
     from .pipeline import PipelineConfig, run_pipeline
 
-    run_pipeline(PipelineConfig(out=str(out), seed=seed))
+    run_pipeline(PipelineConfig(out=str(out), seed=seed, prebuilt=not from_scratch))
     click.echo((out / "report.md").read_text())
+
+
+@main.group(cls=_Group)
+def prebuilt() -> None:
+    """The demo's prebuilt stand-ins for downloaded weights (tiny CLIP, CAM backbone)."""
+
+
+@prebuilt.command("build")
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--seed", default=0, show_default=True, help="World and training seed of both stand-ins.")
+@click.option("--threads", default=2, show_default=True, help="torch CPU threads.")
+def prebuilt_build(out: Path, seed: int, threads: int) -> None:
+    """Train the tiny CLIP and the CAM backbone on the synthetic world as `promptseg demo
+    --from-scratch` does, and write them with manifest.json (command, configs, sha256) to OUT.
+
+    The package ships the output of `promptseg prebuilt build promptseg/assets/prebuilt`.
+    """
+    from .prebuilt import build
+
+    manifest = build(out, seed=seed, threads=threads)
+    click.echo(f"wrote {out}: CLIP zero-shot mAP {manifest['clip_zero_shot_map']:.3f}, "
+               f"stage seconds {manifest['stage_seconds']}")
 
 
 @main.command()
@@ -341,6 +369,10 @@ from .runtime.cli import bench, build_engine, compare, infer  # noqa: E402
 
 for _command in (infer, bench, compare, build_engine, calibrate):
     main.add_command(_command)
+
+from .data.coco_import import import_coco_cmd  # noqa: E402
+
+data.add_command(import_coco_cmd)
 
 
 if __name__ == "__main__":  # pragma: no cover

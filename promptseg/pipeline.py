@@ -40,6 +40,9 @@ class PipelineConfig:
     clip_model: str = TINY_CLIP
     clip_pretrained: str | None = None
     clip_steps: int = 300
+    # the synthetic world's CLIP and CAM backbone: the package's prebuilt ones (trained by `promptseg
+    # prebuilt build`, fixed across seeds like OpenAI's CLIP and ImageNet weights), or trained in the run
+    prebuilt: bool = True
     # CAM stages: a JSON CamTrainConfig as the base of every method (net, crop, ...), or the demo's
     cam_config: str | None = None
     methods: tuple[str, ...] = CAM_METHODS
@@ -127,11 +130,8 @@ def run_pipeline(cfg: PipelineConfig, show_progress: bool = True) -> dict:
 
     Raises :class:`PromptsegError` at the end, after the report is written, when the INT8 gate failed.
     """
-    from .configs import load_config
-    from .data.synth import WORLD_FORMAT, SynthConfig, write_world
     from .train.cam_train import train_cam
-    from .train.clip import ClipTrainConfig, train_clip
-    from .train.config import CamTrainConfig
+    from .train.hardware import machine_peaks, precision_facts
     from .train.pseudo import PseudoMaskConfig, crf_available, make_pseudo_masks
     from .train.seg import SegTrainConfig, train_segmenter
 
@@ -140,56 +140,14 @@ def run_pipeline(cfg: PipelineConfig, show_progress: bool = True) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "config.json", cfg)
     timings: dict[str, float] = {}
-
-    started = time.perf_counter()
-    if cfg.data is None:
-        data_dir = out / "data"
-        synth = SynthConfig(seed=cfg.seed, train=cfg.train_images, val=cfg.val_images, size=cfg.image_size,
-                            clip_images=cfg.clip_images)
-        classes = data_dir / "classes.json"
-        written = read_json(classes) if classes.is_file() else {}
-        if written.get("synth_config") != asdict(synth) or written.get("world_format") != WORLD_FORMAT:
-            write_world(data_dir, synth)
-            write_json_atomic(out / "data_seconds.json", {"seconds": round(time.perf_counter() - started, 1)})
-        world: tuple[Path, ...] = (data_dir / "classes.json",)
-    else:
-        data_dir = Path(cfg.data)
-        world = tuple(p for p in (data_dir / "ImageSets" / "Segmentation" / f"{s}.txt"
-                                  for s in (cfg.train_split, cfg.val_split)) if p.is_file())
-    seconds = out / "data_seconds.json"
-    timings["data"] = read_json(seconds)["seconds"] if seconds.is_file() else round(time.perf_counter() - started, 1)
-
-    report: dict = {"seed": cfg.seed}
-    if cfg.clip_pretrained is None:
-        clip_cfg = ClipTrainConfig(data=str(data_dir), out=str(out / "clip"), steps=cfg.clip_steps, seed=cfg.seed,
-                                   threads=cfg.threads)
-        clip_report = _stage("clip", out / "clip", clip_cfg,
-                             lambda resume: train_clip(clip_cfg, resume=resume, show_progress=show_progress),
-                             timings, world)
-        report["clip_zero_shot_map"] = clip_report["clip_zero_shot_map"]
-        report["clip_object_over_context"] = clip_report.get("clip_object_over_context")
-        clip_pretrained, clip_inputs = str(out / "clip"), (out / "clip" / "clip.pt",)
-    else:  # a given CLIP: its weights file (when it is one) is an input of the CAM stages
-        clip_pretrained = cfg.clip_pretrained
-        weights = ClipSpec(cfg.clip_model, clip_pretrained).resolve_checkpoint()
-        clip_inputs = (Path(weights),) if weights and Path(weights).is_file() else ()
-
-    base = load_config(CamTrainConfig, cfg.cam_config) if cfg.cam_config else CamTrainConfig(
-        data="", out="", cam_scales=(1.0,))
-    base = replace(base, data=str(data_dir), out=str(out / "baseline"), method="baseline", split=cfg.train_split,
-                   val_split=cfg.val_split, epochs=cfg.baseline_epochs, seed=cfg.seed, threads=cfg.threads,
-                   guidance=None)
-    pretrain_list = data_dir / "ImageSets" / "Segmentation" / f"{cfg.pretrain_split}.txt"
-    backbone: tuple[Path, ...] = ()
-    if cfg.pretrain_split and pretrain_list.is_file():  # the backbone's stand-in for ImageNet weights
-        pretrain = replace(base, out=str(out / "pretrain"), split=cfg.pretrain_split, epochs=cfg.pretrain_epochs)
-        _stage("pretrain", out / "pretrain", pretrain,
-               lambda resume: train_cam(pretrain, resume=resume, show_progress=show_progress), timings,
-               (*world, pretrain_list))
-        base = replace(base, net=replace(base.net, pretrained=str(out / "pretrain" / "cam_net.pt")))
-        backbone = (out / "pretrain" / "cam_net.pt",)
-    report["cam_backbone"] = (f"pretrained on the {cfg.pretrain_split} split" if backbone
-                              else base.net.pretrained or "random initialisation")
+    peaks = machine_peaks()  # before any stage: the machine's usable matmul rate, measured, not assumed
+    standins = run_standins(cfg, timings, show_progress)
+    data_dir, world, clip_pretrained, clip_inputs = (standins[k] for k in ("data_dir", "world", "clip_pretrained",
+                                                                          "clip_inputs"))
+    base, backbone = standins["base"], standins["backbone"]
+    report: dict = {"seed": cfg.seed, **standins["report"],
+                    "machine": {**precision_facts(None, False), "threads": cfg.threads, "peak_gflops": peaks}}
+    del report["machine"]["amp"], report["machine"]["channels_last"]
     reports: dict[str, dict] = {}
     reports["baseline"] = _stage("baseline", out / "baseline", base,
                                  lambda resume: train_cam(base, resume=resume, show_progress=show_progress), timings,
@@ -205,6 +163,8 @@ def run_pipeline(cfg: PipelineConfig, show_progress: bool = True) -> dict:
 
     methods = {m: {"prompt_changed_share": r["prompt_changed_share"]} if "prompt_changed_share" in r else {}
                for m, r in reports.items()}
+    stage_throughput = {m: r.get("train_throughput") | {"amp": r.get("amp")} for m, r in reports.items()
+                        if r.get("train_throughput")}
     use_crf = cfg.crf == "on" or (cfg.crf == "auto" and crf_available())
     for method in cfg.methods:
         pseudo_cfg = PseudoMaskConfig(cam_run=str(out / method), out=str(out / f"pseudo_{method}"),
@@ -216,6 +176,8 @@ def run_pipeline(cfg: PipelineConfig, show_progress: bool = True) -> dict:
         methods[method] = {**{k: pseudo[k] for k in ("cam_miou", "context_leak", "oracle_cam_miou")},
                            "cam_threshold": pseudo["cam_threshold"], **methods[method],
                            "pseudo_mask_miou": pseudo["pseudo_mask_miou"], "pseudo_mask_background": pseudo["low"]}
+        if pseudo.get("throughput"):
+            stage_throughput[f"pseudo_{method}"] = pseudo["throughput"] | {"amp": pseudo.get("amp")}
     seg_base = SegTrainConfig(data=str(data_dir), out="", split=cfg.train_split, val_split=cfg.val_split,
                               epochs=cfg.seg_epochs, input_size=cfg.seg_input_size, seed=cfg.seed,
                               threads=cfg.threads)
@@ -225,10 +187,14 @@ def run_pipeline(cfg: PipelineConfig, show_progress: bool = True) -> dict:
                      lambda resume, c=seg_cfg: train_segmenter(c, resume=resume, show_progress=show_progress),
                      timings, (out / f"pseudo_{method}" / "report.json",))
         methods[method]["seg_val_miou"] = seg["seg_val_miou"]
+        if seg.get("train_throughput"):
+            stage_throughput[f"seg_{method}"] = seg["train_throughput"] | {"amp": seg.get("amp")}
     gt_cfg = replace(seg_base, out=str(out / "seg_gt"), masks=None)
     seg_gt = _stage("seg_gt", out / "seg_gt", gt_cfg,
                     lambda resume: train_segmenter(gt_cfg, resume=resume, show_progress=show_progress), timings,
                     world)
+    if seg_gt.get("train_throughput"):
+        stage_throughput["seg_gt"] = seg_gt["train_throughput"] | {"amp": seg_gt.get("amp")}
     for method in cfg.seg_methods:  # a segmenter run's report also names its ground-truth reference
         seg_report = out / f"seg_{method}" / "report.json"
         write_json_atomic(seg_report, {**read_json(seg_report), "seg_val_miou_gt_trained": seg_gt["seg_val_miou"]})
@@ -247,6 +213,7 @@ def run_pipeline(cfg: PipelineConfig, show_progress: bool = True) -> dict:
     report.update(_deploy_stages(cfg, out, data_dir, timings, show_progress))
     report["checks"] = reproduction_checks(methods, report["seg_val_miou"], report["seg_val_miou_gt_trained"],
                                            report["calibration"])
+    report["throughput"] = peak_shares(stage_throughput, peaks)
     report["timings_s"] = timings
     report["total_s"] = round(sum(v for v in timings.values() if v is not None), 1)
     _pictures(out, data_dir, cfg)
@@ -256,6 +223,125 @@ def run_pipeline(cfg: PipelineConfig, show_progress: bool = True) -> dict:
     if not report["calibration"]["tensorrt"]["gate_passed"] or not report["calibration"]["cpu"]["gate_passed"]:
         raise PromptsegError(f"INT8 accuracy gate failed (see {out / 'report.md'})")
     return report
+
+
+def use_prebuilt(cfg: PipelineConfig) -> bool:
+    """The shipped stand-ins fit the synthetic world with the tiny CLIP and the default CAM network."""
+    return cfg.prebuilt and cfg.data is None and cfg.clip_pretrained is None and cfg.clip_model == TINY_CLIP \
+        and cfg.cam_config is None
+
+
+def clip_train_config(cfg: PipelineConfig, data_dir: Path):
+    from .train.clip import ClipTrainConfig
+
+    return ClipTrainConfig(data=str(data_dir), out=str(Path(cfg.out) / "clip"), steps=cfg.clip_steps, seed=cfg.seed,
+                           threads=cfg.threads)
+
+
+def base_cam_config(cfg: PipelineConfig, data_dir: Path):
+    """The baseline CAM run's config, which every method's run and the backbone's pretraining start from."""
+    from .configs import load_config
+    from .train.config import CamTrainConfig
+
+    base = load_config(CamTrainConfig, cfg.cam_config) if cfg.cam_config else CamTrainConfig(
+        data="", out="", cam_scales=(1.0,))
+    return replace(base, data=str(data_dir), out=str(Path(cfg.out) / "baseline"), method="baseline",
+                   split=cfg.train_split, val_split=cfg.val_split, epochs=cfg.baseline_epochs, seed=cfg.seed,
+                   threads=cfg.threads, guidance=None)
+
+
+def pretrain_config(cfg: PipelineConfig, base):
+    return replace(base, out=str(Path(cfg.out) / "pretrain"), split=cfg.pretrain_split, epochs=cfg.pretrain_epochs)
+
+
+def run_standins(cfg: PipelineConfig, timings: dict, show_progress: bool = True) -> dict:
+    """The stages every method rests on: the data, the CLIP and the CAM network's base config with
+    its backbone (the world's stand-in for ImageNet weights). Prebuilt stand-ins are scored on this
+    world (CLIP) or used as they are (backbone); else they are trained here, as ``promptseg prebuilt
+    build`` trains them. Returns the paths, the base CAM config, each stage's config and report parts."""
+    from . import prebuilt
+    from .data.synth import WORLD_FORMAT, SynthConfig, write_world
+    from .train.cam_train import train_cam
+    from .train.clip import ClipEvalConfig, evaluate_clip, train_clip
+
+    out = Path(cfg.out)
+    started = time.perf_counter()
+    if cfg.data is None:
+        data_dir = out / "data"
+        synth = SynthConfig(seed=cfg.seed, train=cfg.train_images, val=cfg.val_images, size=cfg.image_size,
+                            clip_images=cfg.clip_images)
+        classes = data_dir / "classes.json"
+        written = read_json(classes) if classes.is_file() else {}
+        if written.get("synth_config") != asdict(synth) or written.get("world_format") != WORLD_FORMAT:
+            write_world(data_dir, synth)
+            write_json_atomic(out / "data_seconds.json", {"seconds": round(time.perf_counter() - started, 1)})
+        world: tuple[Path, ...] = (data_dir / "classes.json",)
+    else:
+        data_dir = Path(cfg.data)
+        world = tuple(p for p in (data_dir / "ImageSets" / "Segmentation" / f"{s}.txt"
+                                  for s in (cfg.train_split, cfg.val_split)) if p.is_file())
+    seconds = out / "data_seconds.json"
+    timings["data"] = read_json(seconds)["seconds"] if seconds.is_file() else round(time.perf_counter() - started, 1)
+
+    shipped = use_prebuilt(cfg)
+    manifest = prebuilt.load_manifest() if shipped else None
+    report: dict = {}
+    configs: dict = {}
+    clip_report = None
+    if cfg.clip_pretrained is None:
+        if shipped:
+            clip_cfg = ClipEvalConfig(data=str(data_dir), out=str(out / "clip"), model=cfg.clip_model,
+                                      pretrained=str(prebuilt.clip_dir()), threads=cfg.threads)
+            clip_report = _stage("clip", out / "clip", clip_cfg, lambda _: evaluate_clip(clip_cfg), timings,
+                                 (*world, prebuilt.clip_dir() / "clip.pt"))
+            clip_pretrained = str(prebuilt.clip_dir())
+        else:
+            clip_cfg = clip_train_config(cfg, data_dir)
+            clip_report = _stage("clip", out / "clip", clip_cfg,
+                                 lambda resume: train_clip(clip_cfg, resume=resume, show_progress=show_progress),
+                                 timings, world)
+            clip_pretrained = str(out / "clip")
+        configs["clip"] = asdict(clip_cfg)
+        report["clip_zero_shot_map"] = clip_report["clip_zero_shot_map"]
+        report["clip_object_over_context"] = clip_report.get("clip_object_over_context")
+        clip_inputs: tuple[Path, ...] = (Path(clip_pretrained) / "clip.pt",)
+    else:  # a given CLIP: its weights file (when it is one) is an input of the CAM stages
+        clip_pretrained = cfg.clip_pretrained
+        weights = ClipSpec(cfg.clip_model, clip_pretrained).resolve_checkpoint()
+        clip_inputs = (Path(weights),) if weights and Path(weights).is_file() else ()
+
+    base = base_cam_config(cfg, data_dir)
+    pretrain_list = data_dir / "ImageSets" / "Segmentation" / f"{cfg.pretrain_split}.txt"
+    backbone: tuple[Path, ...] = ()
+    if shipped:
+        backbone = (prebuilt.backbone_file(),)
+        report["cam_backbone"] = f"prebuilt (`{manifest['command']}`: the {cfg.pretrain_split} split of world seed " \
+                                 f"{manifest['seed']})"
+    elif cfg.pretrain_split and pretrain_list.is_file():  # the backbone's stand-in for ImageNet weights
+        pretrain = pretrain_config(cfg, base)
+        _stage("pretrain", out / "pretrain", pretrain,
+               lambda resume: train_cam(pretrain, resume=resume, show_progress=show_progress), timings,
+               (*world, pretrain_list))
+        configs["pretrain"] = asdict(pretrain)
+        backbone = (out / "pretrain" / "cam_net.pt",)
+        report["cam_backbone"] = f"pretrained on the {cfg.pretrain_split} split"
+    else:
+        report["cam_backbone"] = base.net.pretrained or "random initialisation"
+    if backbone:
+        base = replace(base, net=replace(base.net, pretrained=str(backbone[0])))
+    return {"data_dir": data_dir, "world": world, "clip_pretrained": clip_pretrained, "clip_inputs": clip_inputs,
+            "base": base, "backbone": backbone, "report": report, "configs": configs, "clip_report": clip_report}
+
+
+def peak_shares(stage_throughput: dict[str, dict], peaks: dict[str, float]) -> dict[str, dict]:
+    """Each stage's achieved GFLOP/s as a share of the matmul peak of the precision it ran in."""
+    shares = {}
+    for stage, row in stage_throughput.items():
+        precision = "bf16" if row.get("amp") == "bfloat16" else "fp32"
+        peak = peaks.get(precision)
+        shares[stage] = {**row, "peak_gflops": peak,
+                         "peak_share": round(row["gflops_per_s"] / peak, 4) if peak else None}
+    return shares
 
 
 def _deploy_stages(cfg: PipelineConfig, out: Path, data_dir: Path, timings: dict, show_progress: bool) -> dict:
@@ -453,6 +539,19 @@ def render_markdown(report: dict) -> str:
                   "over CLIMS, SemPLeS's leak and mIoU against CLIMS, the segmenter within 10 of ground truth) and "
                   "the INT8 gates; `bench/methods_cpu.py` checks the same on the mean of seeds.", "",
                   *[f"- {name}: {'yes' if ok else 'NO'}" for name, ok in report["checks"].items()]]
+    if report.get("throughput"):
+        machine = report.get("machine", {})
+        peaks = ", ".join(f"{k} {v:.0f}" for k, v in machine.get("peak_gflops", {}).items())
+        lines += ["", "## Throughput of the training and CAM stages", "",
+                  f"CPU {machine.get('cpu_capability')}, bf16 units: {'yes' if machine.get('cpu_bf16_units') else 'no'}"
+                  f", {machine.get('threads')} threads; matmul peak measured at the start of the run (GFLOP/s): "
+                  f"{peaks}. FLOPs counted by PyTorch's FLOP counter (training: one step of each run, forward and "
+                  "backward; CAMs: every batch).", "",
+                  "| stage | precision | images/s | GFLOP/s | share of peak |", "| --- | --- | ---: | ---: | ---: |"]
+        for stage, row in report["throughput"].items():
+            share = "—" if row.get("peak_share") is None else f"{100 * row['peak_share']:.0f}%"
+            lines.append(f"| {stage} | {row.get('amp') or 'fp32'} | {row['images_per_s']:.0f} | "
+                         f"{row['gflops_per_s']:.1f} | {share} |")
     lines += ["", "![latency vs mIoU](latency_vs_miou.png)", "",
               "Examples (image | ground truth | CAM | pseudo-mask | segmenter): ![examples](examples.png)", "",
               "Stage times (s, as each stage ran; a rerun keeps finished stages): "

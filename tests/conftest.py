@@ -39,7 +39,7 @@ def baseline_run(tiny_world, tmp_path_factory) -> Path:
 
 TINY_PIPELINE = dict(train_images=48, val_images=16, clip_images=32, clip_steps=2, pretrain_epochs=1, baseline_epochs=1,
                      method_epochs=1, seg_epochs=1, calibration_images=16, bench_batches=(1,), bench_iters=5,
-                     threads=1)
+                     threads=1, prebuilt=False)  # from scratch: the tiny CLIP and backbone train here
 
 
 @pytest.fixture(scope="session")
