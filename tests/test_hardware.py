@@ -79,3 +79,13 @@ def test_decoded_cache_keeps_within_its_budget_and_hands_out_read_only_arrays():
     assert loads == ["a", "b", "c", "c"] and len(cache) == 2 and cache.bytes == 200
     with pytest.raises(ValueError):
         first[0] = 1
+
+
+@pytest.mark.parametrize("groups", [1, 4, 32])
+def test_a_convolutions_training_flops_are_three_forwards_whatever_its_groups(groups):
+    conv = torch.nn.Conv2d(32, 64, 3, padding=1, stride=2, groups=groups, bias=False)
+    x = torch.randn(2, 32, 16, 16, requires_grad=True)
+    _, forward = hardware.count_flops(lambda: conv(x))
+    _, step = hardware.count_flops(lambda: conv(x).sum().backward())
+    assert forward == 2 * 2 * 8 * 8 * 64 * (32 // groups) * 9
+    assert step == 3 * forward  # forward + grad_input + grad_weight
