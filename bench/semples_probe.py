@@ -32,7 +32,7 @@ from promptseg.data.synth import WORLD_CLASSES
 from promptseg.train import losses
 from promptseg.train.cams import imagenet_normalise
 from promptseg.train.config import CamTrainConfig
-from promptseg.train.methods import SemplesRefineTrainer, minmax_maps
+from promptseg.train.methods import SemplesRefineTrainer, semples_masks
 
 RESULTS = Path(__file__).with_name("results")
 VIEWS = ("object", "object+context", "context")
@@ -42,7 +42,7 @@ TERMS = ("otm", "btm", "refine")
 
 def _hard_views(trainer, image01: torch.Tensor, keeps: list[np.ndarray]) -> torch.Tensor:
     maps = torch.from_numpy(np.stack(keeps).astype(np.float32))[None]
-    fg, _, _, _ = trainer.masked_views(image01, maps, torch.ones(1, len(keeps)))
+    fg, _, _, _ = trainer.views_from_maps(image01, maps, torch.ones(1, len(keeps)))
     return trainer.encode_images(fg)
 
 
@@ -74,9 +74,9 @@ def probe(run: Path, images: int, min_pixels: int = 20) -> dict:
                     sims[names[k]][view].append(value)
                 levels = _hard_views(trainer, image01, [obj + a * ctx for a in CONTEXT_LEVELS])
                 by_level[names[k]].append((levels @ trainer.prompt_text[k]).tolist())
-            cams = F.interpolate(trainer.net(imagenet_normalise(image01)), size=image01.shape[-2:],
-                                 mode="bilinear", align_corners=False)
-        maps = minmax_maps(cams, 0.1).requires_grad_(True)
+            cams = trainer.net(imagenet_normalise(image01))
+        maps = F.interpolate(semples_masks(cams, trainer.clip_size, trainer.mask_eps), size=image01.shape[-2:],
+                             mode="bilinear", align_corners=True).requires_grad_(True)  # S's masks, at image size
         fg_f, bg_f, k_idx = _embed(trainer, image01, maps, labels)
         terms = {"otm": losses.object_text_matching(fg_f, trainer.class_text[k_idx]),
                  "btm": losses.background_text_matching(bg_f, trainer.class_text[k_idx]),
@@ -105,7 +105,7 @@ def probe(run: Path, images: int, min_pixels: int = 20) -> dict:
 def _embed(trainer, image01, maps, labels):
     """fg/bg CLIP features of every present class at the given masks (``embed_views`` would re-normalise
     CAMs into masks; here the gradient is taken with respect to the masks themselves)."""
-    fg, bg, _, k_idx = trainer.masked_views(image01, maps, labels)
+    fg, bg, _, k_idx = trainer.views_from_maps(image01, maps, labels)
     feats = trainer.encode_images(torch.cat([fg, bg]))
     return feats[: len(fg)], feats[len(fg):], k_idx
 

@@ -18,23 +18,25 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from promptseg.train.cams import IMAGENET_MEAN, IMAGENET_STD
 from promptseg.train.config import default_guidance
 from promptseg.train.methods import ClipGuidedTrainer, SemplesRefineTrainer, select_prompts
 
 SIZE = 16
-MEAN = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
-STD = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)
+IMAGENET = (IMAGENET_MEAN, IMAGENET_STD)  # how the CAM methods' views are normalised (as the references)
+OPENAI = (open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD)  # POLE's selection: CLIP's preprocess
 
 
 class ColourClip:
-    """encode_image: the view's mean colour on ``channels`` (CLIP's normalisation undone)."""
+    """encode_image: the view's mean colour on ``channels``, its input normalisation undone."""
 
-    def __init__(self, channels=(0, 2)):
+    def __init__(self, channels=(0, 2), normalisation=IMAGENET):
         self.channels = list(channels)
+        self.mean, self.std = (torch.tensor(v).view(1, 3, 1, 1) for v in normalisation)
         self.visual = types.SimpleNamespace(image_size=SIZE)
 
     def encode_image(self, views: torch.Tensor) -> torch.Tensor:
-        rgb = views * STD + MEAN
+        rgb = views * self.std + self.mean
         return rgb.mean(dim=(2, 3))[:, self.channels]
 
 
@@ -128,14 +130,26 @@ class _ColourWords:
         return F.one_hot(tokens, 3).float()
 
 
-def test_pole_picks_the_candidate_closest_to_the_cam_masked_image():
-    image = np.zeros((SIZE, SIZE, 3), np.uint8)
-    image[:, : SIZE // 2, 0] = 255  # class "a" (CAM = red channel): left half, red
-    image[:, SIZE // 2:, 1] = 255  # class "b" (CAM = green channel): right half, green
-    sample = types.SimpleNamespace(id="img", labels=np.array([1, 1]), load_image=lambda: image)
-    dataset = type("Data", (), {"class_names": ("a", "b"), "__iter__": lambda self: iter([sample])})()
-    clip = ColourClip(channels=(0, 1, 2))
+def _two_colour_dataset(tmp_path, sizes=((SIZE, SIZE),)):
+    """One image per size: left half red (class "a"), right half green (class "b")."""
+    from PIL import Image
+
+    samples = []
+    for i, (height, width) in enumerate(sizes):
+        image = np.zeros((height, width, 3), np.uint8)
+        image[:, : width // 2, 0] = 255
+        image[:, width // 2:, 1] = 255
+        path = tmp_path / f"img{i}.png"
+        Image.fromarray(image).save(path)
+        samples.append(types.SimpleNamespace(id=f"img{i}", labels=np.array([1, 1]), image_path=path,
+                                             load_image=lambda image=image: image))
+    return type("Data", (), {"class_names": ("a", "b"), "__iter__": lambda self: iter(samples)})()
+
+
+def test_pole_picks_the_candidate_closest_to_the_cam_masked_image(tmp_path):
+    dataset = _two_colour_dataset(tmp_path, sizes=((SIZE, SIZE), (12, 20)))  # mixed sizes, as real VOC
+    clip = ColourClip(channels=(0, 1, 2), normalisation=OPENAI)
     clip.encode_text = _ColourWords.encode_text
     names = ["blue one", "red one", "green one"]  # canonical first, and never the answer
     choices = select_prompts(_ColourCams(2), clip, _ColourWords(), dataset, {"a": names, "b": names}, "{}")
-    assert choices == {"img": {"a": "red one", "b": "green one"}}
+    assert choices == {f"img{i}": {"a": "red one", "b": "green one"} for i in range(2)}

@@ -115,7 +115,7 @@ class CamTrainer:
                     "base_lr": cfg.lr * cfg.classifier_lr_mult}]
         groups += self.extra_parameters()
         if cfg.optimizer == "sgd":
-            return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+            return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     def place(self, runtime: Runtime) -> None:

@@ -11,6 +11,12 @@ from .clip import TINY_CLIP
 OPTIMIZERS = ("sgd", "adamw")
 METHODS = ("baseline", "clims", "pole", "semples", "semples_a", "semples_c")  # semples = stages a, b, c
 
+POLE_SELECTION_SCALES = (1.0, 0.5, 1.5, 2.0)  # POLE masks with make_cam's CAM: these scales, flipped
+# The words the references put in "a photo of {}." for VOC's classes (CLIMS's clip_utils, POLE, SemPLeS)
+VOC_CLIP_WORDS = (
+    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "dining table", "dog",
+    "horse", "motorbike", "player", "potted plant", "sheep", "sofa", "train", "tv monitor",
+)
 CLIMS_BACKGROUND_WORDS = ("tree", "river", "sea", "lake", "water", "railway", "railroad", "track", "stone", "rocks")
 
 
@@ -35,6 +41,7 @@ class ClipGuidance:
     background_words: tuple[str, ...] = CLIMS_BACKGROUND_WORDS
     # POLE
     candidates: str | None = None  # JSON {class: [names...]}; None = classes.json "synonyms"
+    selection_scales: tuple[float, ...] = POLE_SELECTION_SCALES
     adaptor_lr_mult: float = 1.0
     # SemPLeS: its generator's backbone is effectively frozen (detached); the CLIP losses train the head
     train_backbone: bool = True
@@ -61,6 +68,9 @@ class CamTrainConfig:
     batch_size: int = 32
     optimizer: str = "adamw"
     lr: float = 1e-3
+    # SGD only. The references' PolyOptimizer(SGD) passes its weight decay into SGD's momentum slot, so
+    # their published runs used momentum 1e-4 (decay set per group): that effective value is the default
+    momentum: float = 1e-4
     classifier_lr_mult: float = 10.0
     weight_decay: float = 1e-4
     crop: int = 64

@@ -21,9 +21,28 @@ from .cam_train import CamCrops, CamTrainer, seed_everything
 from .cams import imagenet_normalise, infer_cams
 from .checkpoint import load_checkpoint, save_checkpoint
 from .clip import ClipSpec, clip_input_size, clip_normalize, encode_prompts
-from .config import CamTrainConfig
+from .config import POLE_SELECTION_SCALES, VOC_CLIP_WORDS, CamTrainConfig
 from .distributed import setup
 from .prompts import CLASS_TEMPLATE, BackgroundPrompts, ClipAdapter
+
+
+def resize_to(maps: torch.Tensor, size: int) -> torch.Tensor:
+    """Bilinear resize to ``size x size`` with ``align_corners=True``, as the references resize for CLIP."""
+    if maps.shape[-2:] == (size, size):
+        return maps
+    return F.interpolate(maps, size=(size, size), mode="bilinear", align_corners=True)
+
+
+def reference_view(images01: torch.Tensor, size: int) -> torch.Tensor:
+    """The image the references mask for CLIP: the ImageNet-normalised crop at CLIP's input size."""
+    return imagenet_normalise(resize_to(images01, size))
+
+
+def default_class_words(class_names) -> tuple[str, ...]:
+    """The words for "a photo of {}.": the references' for VOC ("player", "dining table", ...), else the names."""
+    from ..data.voc import VOC_CLASSES
+
+    return VOC_CLIP_WORDS if tuple(class_names) == VOC_CLASSES else tuple(class_names)
 
 
 def _baseline_weights(path: str) -> dict:
@@ -45,7 +64,7 @@ class ClipGuidedTrainer(CamTrainer):
             self.net.load_state_dict(_baseline_weights(self.guide.init_from))
         self.clip, self.tokenizer = ClipSpec(self.guide.clip_model, self.guide.clip_pretrained).load()
         self.clip_size = clip_input_size(self.clip)
-        words = self.guide.class_words or self.dataset.class_names
+        words = self.guide.class_words or default_class_words(self.dataset.class_names)
         if len(words) != self.dataset.num_classes:
             raise ConfigError(f"class_words: got {len(words)} words | expected {self.dataset.num_classes} "
                               f"({', '.join(self.dataset.class_names)})")
@@ -69,13 +88,23 @@ class ClipGuidedTrainer(CamTrainer):
         return encode_prompts(self.clip, self.tokenizer, [template.format(w) for w in words])
 
     def class_maps(self, cams: torch.Tensor) -> torch.Tensor:
-        """CLIMS's class maps: sigmoid of the CAMs."""
+        """CLIMS's class maps: sigmoid of the CAMs, at the CAMs' resolution (L_REG averages these)."""
         return torch.sigmoid(cams)
 
-    def masked_views(self, images01: torch.Tensor, maps: torch.Tensor, labels: torch.Tensor):
-        """fg_k and bg_k for every (image, present class): ``N x 3 x S x S`` each, plus the indices."""
-        x = clip_normalize(images01, self.clip_size)
-        maps = F.interpolate(maps, size=x.shape[-2:], mode="bilinear", align_corners=False)
+    def clip_maps(self, cams: torch.Tensor) -> torch.Tensor:
+        """The masks at CLIP's input size: the class maps resized (bilinear, align_corners=True, as CLIMS)."""
+        return resize_to(self.class_maps(cams), self.clip_size)
+
+    def masked_views(self, images01: torch.Tensor, cams: torch.Tensor, labels: torch.Tensor):
+        """fg_k and bg_k for every (image, present class) of CAMs ``cams``: ``N x 3 x S x S`` each, plus
+        the indices."""
+        return self.views_from_maps(images01, self.clip_maps(cams), labels)
+
+    def views_from_maps(self, images01: torch.Tensor, maps: torch.Tensor, labels: torch.Tensor):
+        """P_k * X and (1 - P_k) * X with X the ImageNet-normalised crop at CLIP's size, fed to CLIP as it is
+        (the references' views: CLIP's own mean/std are not applied); ``maps`` at any size are resized."""
+        x = reference_view(images01, self.clip_size)
+        maps = resize_to(maps, self.clip_size)
         b_idx, k_idx = torch.nonzero(labels > 0, as_tuple=True)
         p = maps[b_idx, k_idx][:, None]
         return p * x[b_idx], (1 - p) * x[b_idx], b_idx, k_idx
@@ -85,10 +114,9 @@ class ClipGuidedTrainer(CamTrainer):
 
     def embed_views(self, images01, cams, labels):
         """Class maps, CLIP features of every fg_k and bg_k (one CLIP pass), and the (image, class) indices."""
-        maps = self.class_maps(cams)
-        fg, bg, b_idx, k_idx = self.masked_views(images01, maps, labels)
+        fg, bg, b_idx, k_idx = self.masked_views(images01, cams, labels)
         feats = self.encode_images(torch.cat([fg, bg]))
-        return maps, feats[: len(fg)], feats[len(fg):], b_idx, k_idx
+        return self.class_maps(cams), feats[: len(fg)], feats[len(fg):], b_idx, k_idx
 
     def matching_terms(self, fg_f, bg_f, text) -> dict[str, torch.Tensor]:
         """w_otm L_OTM + w_btm L_BTM: the object looks like its text, what is left out does not."""
@@ -107,9 +135,11 @@ class ClipGuidedTrainer(CamTrainer):
 
     @torch.no_grad()
     def _calibrate_cbs_threshold(self, max_images: int = 256) -> float:
-        images = np.stack([self.dataset[i].load_image() for i in range(min(len(self.dataset), max_images))])
-        x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
-        sims = self.encode_images(clip_normalize(x, self.clip_size)) @ self.background_text.T
+        """The quantile of whole training images' similarity to the background prompts, seen as the
+        losses see images (one at a time: a real dataset's sizes differ)."""
+        views = [reference_view(torch.from_numpy(self.dataset[i].load_image()).permute(2, 0, 1)[None].float()
+                                / 255.0, self.clip_size) for i in range(min(len(self.dataset), max_images))]
+        sims = self.encode_images(torch.cat(views)) @ self.background_text.T
         return float(torch.quantile(sims.flatten(), self.guide.cbs_quantile))
 
     # -- the loss
@@ -150,7 +180,7 @@ class PoleTrainer(ClipGuidedTrainer):
         # chosen afresh on every start, resume included (deterministic, one CLIP pass): a file left by
         # an earlier run in this folder may come from another CLIP or starting network
         self.choices = select_prompts(self.net, self.clip, self.tokenizer, self.dataset, self.candidates,
-                                      self.guide.class_template)
+                                      self.guide.class_template, scales=self.guide.selection_scales)
         write_json_atomic(self.choices_path, {"candidates": self.candidates, "choices": self.choices})
         names = sorted({n for names in self.candidates.values() for n in names})
         self.name_index = {n: i for i, n in enumerate(names)}
@@ -200,20 +230,22 @@ class PoleTrainer(ClipGuidedTrainer):
 
 @torch.inference_mode()
 def select_prompts(net: CamNet, clip, tokenizer, dataset, candidates: dict[str, list[str]],
-                   template: str = CLASS_TEMPLATE, batch_size: int = 64) -> dict[str, dict[str, str]]:
+                   template: str = CLASS_TEMPLATE, batch_size: int = 64,
+                   scales: tuple[float, ...] = POLE_SELECTION_SCALES) -> dict[str, dict[str, str]]:
     """POLE step A: per (image, present class), the candidate name CLIP finds most correlated with
-    the image masked by the class's CAM (RGB x CAM), by softmax(100 * cos) over the candidates."""
+    the image masked by the class's CAM (multi-scale with flips, as the reference's make_cam; RGB x
+    CAM), by softmax(100 * cos) over the candidates."""
+    from .cam_train import same_size_chunks
+
     net.eval()
     size = clip_input_size(clip)
     text = {cls: encode_prompts(clip, tokenizer, [template.format(n) for n in names])
             for cls, names in candidates.items()}
     choices: dict[str, dict[str, str]] = {}
-    samples = list(dataset)
-    for start in range(0, len(samples), batch_size):
-        chunk = samples[start:start + batch_size]
+    for chunk in same_size_chunks(dataset, batch_size):
         images = np.stack([s.load_image() for s in chunk])
         labels = np.stack([s.labels for s in chunk])
-        cams = torch.from_numpy(infer_cams(net, images, labels, scales=(1.0,)))
+        cams = torch.from_numpy(infer_cams(net, images, labels, scales=scales))
         x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
         rows, ks = np.nonzero(labels > 0)  # every (image, present class) of the chunk: one CLIP pass
         masked = x[rows] * cams[rows, ks][:, None]
@@ -238,11 +270,22 @@ def minmax_maps(cams: torch.Tensor, eps: float) -> torch.Tensor:
     return (cams - low) / (high - low + eps)
 
 
+def semples_masks(cams: torch.Tensor, size: int, eps: float) -> torch.Tensor:
+    """SemPLeS's masks as the reference makes them: the non-negative CAM (its ReLU sits in WeakTr)
+    upsampled to CLIP's size (bilinear, align_corners=True), then min-maxed with the stage's epsilon."""
+    return minmax_maps(resize_to(F.relu(cams), size), eps)
+
+
 class SemplesSegmentLabelTrainer(ClipGuidedTrainer):
     """SemPLeS stage (a), segment-label matching: L_OTM + w_btm L_BTM on min-max masks (eps 0.1)."""
 
+    mask_eps = 0.1  # stages (a) and (c); stage (b) uses 1e-4
+
     def class_maps(self, cams):
-        return minmax_maps(cams, 0.1)
+        return semples_masks(cams, self.clip_size, self.mask_eps)
+
+    def clip_maps(self, cams):
+        return self.class_maps(cams)
 
     def method_loss(self, images01, cams, labels, rows):
         _, fg_f, bg_f, _, k_idx = self.embed_views(images01, cams, labels)
@@ -296,6 +339,7 @@ def learn_background_prompts(cfg: CamTrainConfig, *, show_progress: bool = True)
         runtime.barrier()
         return read_json(out / "report.json")
     trainer = SemplesSegmentLabelTrainer(cfg)  # loads CLIP, data and the stage-(a) network (init_from)
+    trainer.mask_eps = 1e-4  # stage (b)'s epsilon
     trainer.place(runtime)
     trainer.net.eval().requires_grad_(False)
     out.mkdir(parents=True, exist_ok=True)
@@ -318,8 +362,7 @@ def learn_background_prompts(cfg: CamTrainConfig, *, show_progress: bool = True)
                 group["lr"] = cfg.guidance.prompt_lr * 0.5 * (1 + np.cos(np.pi * step / total))
             images01, labels = runtime.images(images01), labels.to(runtime.device)
             with torch.no_grad():
-                maps = minmax_maps(trainer.net(imagenet_normalise(images01)), 1e-4)
-                _, bg, _, k_idx = trainer.masked_views(images01, maps, labels)
+                _, bg, _, k_idx = trainer.masked_views(images01, trainer.net(imagenet_normalise(images01)), labels)
                 bg_f = trainer.encode_images(bg)
             p = prompts(trainer.clip)
             loss = losses.prompt_contrast(bg_f, p[k_idx], trainer.class_text[k_idx], cfg.guidance.w_prompt_text)

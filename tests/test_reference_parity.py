@@ -1,0 +1,186 @@
+"""promptseg against independent transcriptions of what the reference code computes (docs/fidelity.md).
+
+Each transcription below is written from reading the reference, in its own order of operations
+(normalise the crop, then resize; loop over images and classes; SGD's update by hand), and fed the
+same tensors as promptseg's code; they must agree to a relative 1e-5.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from promptseg.data.voc import VOC_CLASSES
+from promptseg.train import methods
+from promptseg.train.cam_net import CamNet, CamNetConfig
+from promptseg.train.cam_train import CamTrainer, _poly_lr
+from promptseg.train.cams import IMAGENET_MEAN, IMAGENET_STD
+from promptseg.train.config import CamTrainConfig, default_guidance
+from promptseg.train.methods import ClipGuidedTrainer, SemplesRefineTrainer, SemplesSegmentLabelTrainer
+
+CLIP_SIZE = 24
+TOLERANCE = dict(rtol=1e-5, atol=1e-6)
+
+
+def _imagenet(x01: torch.Tensor) -> torch.Tensor:
+    """The references' data loader: (x - mean) / std on the crop, at the crop's own size."""
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (x01 - mean) / std
+
+
+def _resize_ac(x: torch.Tensor, size: int) -> torch.Tensor:
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=True)
+
+
+def _bare(cls, method: str):
+    """A trainer of ``cls`` with only what its view-building reads (no data, network or CLIP files)."""
+    trainer = cls.__new__(cls)
+    trainer.guide, trainer.clip_size = default_guidance(method), CLIP_SIZE
+    return trainer
+
+
+def _batch(seed: int = 0, crop: int = 20):
+    generator = torch.Generator().manual_seed(seed)
+    images01 = torch.rand(2, 3, crop, crop, generator=generator)
+    cams = 3 * torch.randn(2, 3, 5, 5, generator=generator)  # signed, as a CAM network's raw output
+    labels = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+    return images01, cams, labels
+
+
+def _clims_reference_views(images01, cams, labels):
+    """CLIMS's train_clims: sigmoid CAM; CAM and the ImageNet-normalised crop each resized to CLIP's input
+    with align_corners=True; fg = cam * img and bg = (1 - cam) * img per present (image, class)."""
+    cam = _resize_ac(torch.sigmoid(cams), CLIP_SIZE)
+    img = _resize_ac(_imagenet(images01), CLIP_SIZE)
+    fg, bg = [], []
+    for b in range(len(labels)):
+        for k in range(labels.shape[1]):
+            if labels[b, k] > 0:
+                fg.append(cam[b, k] * img[b])
+                bg.append((1 - cam[b, k]) * img[b])
+    return torch.stack(fg), torch.stack(bg)
+
+
+def _semples_reference_masks(cams, eps):
+    """SemPLeS's engine: the non-negative CAM upsampled to CLIP's input (align_corners=True), then
+    (x - min) / (max - min + eps) map by map."""
+    cam = _resize_ac(F.relu(cams), CLIP_SIZE)
+    out = torch.empty_like(cam)
+    for b in range(cam.shape[0]):
+        for k in range(cam.shape[1]):
+            low, high = cam[b, k].min(), cam[b, k].max()
+            out[b, k] = (cam[b, k] - low) / (high - low + eps)
+    return out
+
+
+@pytest.mark.parametrize("crop", [20, CLIP_SIZE])
+def test_clims_and_pole_views_equal_the_references(crop):
+    images01, cams, labels = _batch(crop=crop)
+    fg, bg, b_idx, k_idx = _bare(ClipGuidedTrainer, "clims").masked_views(images01, cams, labels)
+    ref_fg, ref_bg = _clims_reference_views(images01, cams, labels)
+    torch.testing.assert_close(fg, ref_fg, **TOLERANCE)
+    torch.testing.assert_close(bg, ref_bg, **TOLERANCE)
+    assert b_idx.tolist() == [0, 0, 1] and k_idx.tolist() == [0, 2, 1]  # (image, class) pairs in the reference's order
+
+
+@pytest.mark.parametrize("trainer_cls, eps", [(SemplesSegmentLabelTrainer, 0.1), (SemplesRefineTrainer, 0.1)])
+def test_semples_masks_and_views_equal_the_references(trainer_cls, eps):
+    images01, cams, labels = _batch(seed=1)
+    trainer = _bare(trainer_cls, "semples")
+    assert trainer.mask_eps == eps  # stages (a) and (c); stage (b) sets 1e-4 (next test)
+    masks = _semples_reference_masks(cams, eps)
+    torch.testing.assert_close(trainer.clip_maps(cams), masks, **TOLERANCE)
+    fg, bg, _, _ = trainer.masked_views(images01, cams, labels)
+    img = _resize_ac(_imagenet(images01), CLIP_SIZE)
+    torch.testing.assert_close(fg, torch.stack([masks[0, 0] * img[0], masks[0, 2] * img[0], masks[1, 1] * img[1]]),
+                               **TOLERANCE)
+    torch.testing.assert_close(bg, torch.stack([(1 - masks[0, 0]) * img[0], (1 - masks[0, 2]) * img[0],
+                                                (1 - masks[1, 1]) * img[1]]), **TOLERANCE)
+    assert float(trainer.clip_maps(cams).min()) == 0.0  # background gets no mask (the signed CAM's min-max would)
+
+
+def test_semples_stage_b_masks_use_its_epsilon():
+    _, cams, _ = _batch(seed=2)
+    torch.testing.assert_close(methods.semples_masks(cams, CLIP_SIZE, 1e-4), _semples_reference_masks(cams, 1e-4),
+                               **TOLERANCE)
+    source = methods.learn_background_prompts.__code__.co_consts  # the stage sets its own epsilon
+    assert 1e-4 in source
+
+
+def test_sgd_steps_equal_the_references_poly_optimizer():
+    """The references' PolyOptimizer(SGD) hands weight decay to SGD's momentum slot: momentum 1e-4, decay
+    1e-4 per group, lr x (1 - step / max_step) ** 0.9 before each step; classifier at 10x lr."""
+    torch.manual_seed(0)
+    trainer = CamTrainer.__new__(CamTrainer)
+    trainer.cfg = CamTrainConfig(data="", out="", optimizer="sgd", lr=0.1, weight_decay=1e-4)
+    trainer.net = CamNet(CamNetConfig(stages=2, output_stride=8), 2)
+    optimizer = trainer._optimizer()
+    assert [(g["momentum"], g["weight_decay"], g["lr"]) for g in optimizer.param_groups] == \
+        [(1e-4, 1e-4, 0.1), (1e-4, 1e-4, 1.0)]
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    base_lrs = [g["lr"] for g in optimizer.param_groups for _ in g["params"]]
+    expected = [p.detach().clone() for p in params]
+    velocity = [torch.zeros_like(p) for p in params]
+    total = 4
+    for step in range(3):
+        grads = [torch.randn_like(p) for p in params]
+        for group in optimizer.param_groups:
+            group["lr"] = _poly_lr(group["base_lr"], step, total)
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g.clone()
+        optimizer.step()
+        for i, g in enumerate(grads):  # SGD by hand: d = g + wd p; v = mu v + d (v = d at the first step)
+            d = g + 1e-4 * expected[i]
+            velocity[i] = d if step == 0 else 1e-4 * velocity[i] + d
+            expected[i] = expected[i] - base_lrs[i] * (1 - step / total) ** 0.9 * velocity[i]
+    for p, e in zip(params, expected, strict=True):
+        torch.testing.assert_close(p.detach(), e, **TOLERANCE)
+
+
+def test_pole_selects_with_the_multi_scale_flipped_cam(monkeypatch, tmp_path):
+    from test_method_behaviour import OPENAI, ColourClip, _ColourCams, _ColourWords, _two_colour_dataset
+
+    seen = []
+    real = methods.infer_cams
+
+    def spy(net, images, labels, scales=(1.0,), flip=True, **kwargs):
+        seen.append((tuple(scales), flip))
+        return real(net, images, labels, scales, flip, **kwargs)
+
+    monkeypatch.setattr(methods, "infer_cams", spy)
+    clip = ColourClip(channels=(0, 1, 2), normalisation=OPENAI)
+    clip.encode_text = _ColourWords.encode_text
+    names = ["blue one", "red one", "green one"]
+    methods.select_prompts(_ColourCams(2), clip, _ColourWords(), _two_colour_dataset(tmp_path),
+                           {"a": names, "b": names}, "{}")
+    assert seen == [((1.0, 0.5, 1.5, 2.0), True)]  # make_cam's scales, each with its flip
+    assert default_guidance("pole").selection_scales == (1.0, 0.5, 1.5, 2.0)
+
+
+def test_voc_prompts_use_the_references_words():
+    words = methods.default_class_words(VOC_CLASSES)
+    assert words[VOC_CLASSES.index("person")] == "player"
+    assert {words[VOC_CLASSES.index(c)] for c in ("diningtable", "pottedplant", "tvmonitor")} == \
+        {"dining table", "potted plant", "tv monitor"}
+    assert methods.default_class_words(("boat", "cow")) == ("boat", "cow")  # other data: its own names
+
+
+def test_cbs_threshold_is_calibrated_on_views_of_mixed_sizes():
+    trainer = _bare(ClipGuidedTrainer, "clims")
+    sizes = [(20, 30, 3), (16, 16, 3), (40, 24, 3)]
+    rng = np.random.default_rng(0)
+    trainer.dataset = [type("S", (), {"load_image": lambda self, s=s: rng.integers(0, 256, s, dtype=np.uint8)})()
+                       for s in sizes]
+    seen = []
+
+    class Clip:
+        def encode_image(self, views):
+            seen.append(views.shape)
+            return views.mean(dim=(2, 3))
+
+    trainer.clip, trainer.background_text = Clip(), F.normalize(torch.ones(2, 3), dim=-1)
+    threshold = trainer._calibrate_cbs_threshold()
+    assert seen == [(3, 3, CLIP_SIZE, CLIP_SIZE)] and -1.0 <= threshold <= 1.0
