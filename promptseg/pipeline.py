@@ -57,8 +57,11 @@ class PipelineConfig:
     # spread the bird map over the tree (seed 0, web-pretrained backbone: bird CAM IoU 20 vs 38)
     semples_lr: float = 3.2e-5
     # SemPLeS refines a CAM generator S (its backbone frozen, its head trained): the network of this
-    # earlier method's run ("baseline" or a CLIP-guided one), as SemPLeS refines WeakTr in the paper
-    semples_generator: str = "clims"
+    # earlier method's run. The reference's S (WeakTr) never saw CLIP before stage (a): "baseline"
+    semples_generator: str = "baseline"
+    # S's trainable head: "3x3" (a 3x3 convolution, the reference's kind, started from S's 1x1 classifier
+    # as its centre tap) or "1x1"
+    semples_head: str = "3x3"
     # pseudo-masks: dense CRF "on", "off", or "auto" (on when the crf extra is installed)
     crf: str = "auto"
     # segmenters: trained on the pseudo-masks of `seg_methods`; `ship_method`'s is exported
@@ -155,7 +158,8 @@ def run_pipeline(cfg: PipelineConfig, show_progress: bool = True) -> dict:
     for method in cfg.methods[1:]:
         lr = cfg.semples_lr if method == "semples" else cfg.method_lr
         start = out / (cfg.semples_generator if method == "semples" else "baseline")  # CLIMS, POLE: the baseline
-        method_cfg = replace(base, method=method, out=str(out / method), epochs=cfg.method_epochs, lr=lr,
+        net = replace(base.net, head=cfg.semples_head) if method == "semples" else base.net
+        method_cfg = replace(base, method=method, out=str(out / method), epochs=cfg.method_epochs, lr=lr, net=net,
                              guidance=method_guidance(cfg, method, clip_pretrained, str(start)))
         reports[method] = _stage(method, out / method, method_cfg,
                                  lambda resume, c=method_cfg: train_cam(c, resume=resume, show_progress=show_progress),
@@ -167,11 +171,15 @@ def run_pipeline(cfg: PipelineConfig, show_progress: bool = True) -> dict:
                         if r.get("train_throughput")}
     use_crf = cfg.crf == "on" or (cfg.crf == "auto" and crf_available())
     for method in cfg.methods:
+        generator = out / f"pseudo_{cfg.semples_generator}" if method == "semples" else None
         pseudo_cfg = PseudoMaskConfig(cam_run=str(out / method), out=str(out / f"pseudo_{method}"),
-                                      split=cfg.train_split, crf=use_crf, workers=cfg.threads)
+                                      split=cfg.train_split, crf=use_crf, workers=cfg.threads,
+                                      compare_to=str(generator) if generator else None)
         pseudo = _stage(f"pseudo_{method}", out / f"pseudo_{method}", pseudo_cfg,
                         lambda _, c=pseudo_cfg: make_pseudo_masks(c, show_progress=show_progress), timings,
-                        (out / method / "cam_net.pt",))
+                        (out / method / "cam_net.pt", *((generator / "report.json",) if generator else ())))
+        if "mask_change_share" in pseudo:  # how much SemPLeS moved its generator's masks
+            methods[method]["mask_change_share"] = pseudo["mask_change_share"]
         # CAM scores as the references take them (4 scales + flips), from the pass that writes the masks
         methods[method] = {**{k: pseudo[k] for k in ("cam_miou", "context_leak", "oracle_cam_miou")},
                            "cam_threshold": pseudo["cam_threshold"], **methods[method],
@@ -251,7 +259,9 @@ def base_cam_config(cfg: PipelineConfig, data_dir: Path):
 
 
 def pretrain_config(cfg: PipelineConfig, base):
-    return replace(base, out=str(Path(cfg.out) / "pretrain"), split=cfg.pretrain_split, epochs=cfg.pretrain_epochs)
+    """The backbone's stand-in for ImageNet training: every layer learns, on batch statistics."""
+    return replace(base, out=str(Path(cfg.out) / "pretrain"), split=cfg.pretrain_split, epochs=cfg.pretrain_epochs,
+                   freeze_stem=False, fixed_bn=False)
 
 
 def run_standins(cfg: PipelineConfig, timings: dict, show_progress: bool = True) -> dict:

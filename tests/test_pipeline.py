@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -132,3 +133,16 @@ def test_reproduction_checks_follow_the_training_issue():
     assert reproduction_checks({m: methods[m] for m in ("baseline", "semples")}, None, None) == {}
     no_contexts = {m: {**row, "context_leak": None} for m, row in methods.items()}  # real data: no ContextMasks
     assert "semples_leaks_less_than_clims" not in reproduction_checks(no_contexts, None, None)
+
+
+def test_semples_refines_a_generator_that_never_saw_clip(tiny_demo):
+    """The reference's S (WeakTr) starts stage (a) from a checkpoint trained without CLIP; its head trains."""
+    config = json.loads((tiny_demo / "semples" / "config.json").read_text())
+    start = json.loads((Path(config["guidance"]["init_from"]) / "config.json").read_text())
+    assert start["method"] == "baseline" and start["guidance"] is None
+    assert config["net"]["head"] == "3x3" and config["guidance"]["train_backbone"] is False
+    report = json.loads((tiny_demo / "report.json").read_text())
+    pseudo = json.loads((tiny_demo / "pseudo_semples" / "report.json").read_text())
+    assert pseudo["compared_to"] == str(tiny_demo / "pseudo_baseline")
+    assert report["methods"]["semples"]["mask_change_share"] == pseudo["mask_change_share"]
+    assert 0.0 <= pseudo["mask_change_share"] <= 1.0

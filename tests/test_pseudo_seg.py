@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -148,3 +149,18 @@ def test_segmenter_names_bad_mask_folders(tiny_world, pseudo_dir, tmp_path):
     with pytest.raises(DataError, match=first):
         train_segmenter(SegTrainConfig(data=str(tiny_world), out=str(tmp_path / "run"), masks=str(broken),
                                        epochs=1, batch_size=200, input_size=64), show_progress=False)
+
+
+def test_mask_change_share_counts_the_pixels_that_differ_from_another_runs_masks(pseudo_dir, baseline_run, tmp_path):
+    from promptseg.data.images import load_mask, mask_to_png_image
+
+    other = tmp_path / "generator"
+    shutil.copytree(pseudo_dir, other)
+    first = sorted(other.glob("*.png"))[0]
+    mask = load_mask(first)
+    mask[:3, :5] = (mask[:3, :5] + 1) % 7  # 15 pixels now differ from what the same CAMs give
+    mask_to_png_image(mask).save(first)
+    report = make_pseudo_masks(PseudoMaskConfig(cam_run=str(baseline_run), out=str(tmp_path / "again"),
+                                                cam_scales=(1.0,), compare_to=str(other)), show_progress=False)
+    pixels = sum(m.size for m in map(load_mask, (tmp_path / "again").glob("*.png")))
+    assert report["mask_change_share"] == 15 / pixels and report["compared_to"] == str(other)

@@ -184,3 +184,34 @@ def test_cbs_threshold_is_calibrated_on_views_of_mixed_sizes():
     trainer.clip, trainer.background_text = Clip(), F.normalize(torch.ones(2, 3), dim=-1)
     threshold = trainer._calibrate_cbs_threshold()
     assert seen == [(3, 3, CLIP_SIZE, CLIP_SIZE)] and -1.0 <= threshold <= 1.0
+
+
+@pytest.mark.parametrize("fixed_bn", [None, False])
+def test_the_stem_stays_frozen_and_the_baselines_batch_norm_fixed(tiny_world, tmp_path, fixed_bn):
+    """resnet50_cam (baseline): conv1/bn1 frozen, FixedBatchNorm; resnet50_clims: conv1/bn1 frozen, batch statistics."""
+    cfg = CamTrainConfig(data=str(tiny_world), out=str(tmp_path), epochs=1, batch_size=16, cam_scales=(1.0,),
+                         val_split=None, threads=1, fixed_bn=fixed_bn)
+    trainer = CamTrainer(cfg)
+    before = {k: v.clone() for k, v in trainer.net.state_dict().items()}
+    trainer.train(show_progress=False)
+    after = trainer.net.state_dict()
+    changed = {k for k in before if not torch.equal(before[k].float(), after[k].float())}
+    stats = ("running_mean", "running_var", "num_batches_tracked")
+    assert not {k for k in changed if k.startswith("stem.") and not k.endswith(stats)}, "conv1/bn1 must not learn"
+    assert "trunk.0.0.conv1.weight" in changed and "classifier.weight" in changed
+    assert "trunk.0.0.bn1.weight" in changed  # BN's affine weights learn either way
+    running = {k for k in changed if k.endswith(stats)}
+    assert (not running) if cfg.uses_fixed_bn else running  # FixedBatchNorm keeps the backbone's statistics
+    assert cfg.uses_fixed_bn is (fixed_bn is None)
+
+
+def test_a_3x3_head_starts_from_the_generators_cams():
+    torch.manual_seed(0)
+    generator = CamNet(CamNetConfig(), 3).eval()
+    refined = CamNet(CamNetConfig(head="3x3"), 3).eval()
+    refined.load_cam_weights(generator.state_dict())
+    x = torch.randn(2, 3, 48, 40)
+    with torch.no_grad():
+        torch.testing.assert_close(refined(x), generator(x), rtol=1e-5, atol=1e-5)
+    assert refined.classifier.weight.shape[-2:] == (3, 3) and refined.classifier.weight.numel() == \
+        9 * generator.classifier.weight.numel()

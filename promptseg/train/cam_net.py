@@ -18,6 +18,7 @@ from torch import nn
 from ..errors import ConfigError
 
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")
+HEADS = ("1x1", "3x3")
 
 
 @dataclass(frozen=True)
@@ -26,10 +27,15 @@ class CamNetConfig:
     stages: int = 3  # residual stages kept (layer1..layerN); 4 = the whole trunk
     output_stride: int = 8  # 4, 8, 16 or 32: stages past it run at stride 1 (no dilation, as CLIMS)
     pretrained: str | None = None  # local torchvision state dict, or a CAM run's cam_net.pt (trunk only)
+    # the classifier: "1x1" (CLIMS's bias-free 1x1 convolution) or "3x3" (a 3x3 convolution, the kind of
+    # head SemPLeS trains on its generator's frozen features)
+    head: str = "1x1"
 
     def validate(self) -> None:
         if self.arch not in ARCHS:
             raise ConfigError(f"arch: got {self.arch!r} | expected one of {', '.join(ARCHS)}")
+        if self.head not in HEADS:
+            raise ConfigError(f"head: got {self.head!r} | expected one of {', '.join(HEADS)}")
         if self.stages not in (2, 3, 4):
             raise ConfigError(f"stages: got {self.stages} | expected 2, 3 or 4")
         max_stride = 4 * 2 ** (self.stages - 1)
@@ -59,7 +65,8 @@ class CamNet(nn.Module):
         self.trunk = nn.Sequential(*layers)
         channels = layers[-1][-1].conv3.out_channels if hasattr(layers[-1][-1], "conv3") \
             else layers[-1][-1].conv2.out_channels
-        self.classifier = nn.Conv2d(channels, num_classes, kernel_size=1, bias=False)
+        kernel = 3 if cfg.head == "3x3" else 1
+        self.classifier = nn.Conv2d(channels, num_classes, kernel_size=kernel, padding=kernel // 2, bias=False)
         self.output_stride = cfg.output_stride
         self.num_classes = num_classes
         if state is not None and "net" in state:
@@ -74,6 +81,17 @@ class CamNet(nn.Module):
                               f"than this {type(self).__name__}")
         self.load_state_dict(trunk, strict=False)
 
+    def load_cam_weights(self, weights: dict) -> None:
+        """Another CAM network's weights; a 1x1 classifier loads into a 3x3 head as its centre tap (zeros
+        around it), so the head starts from exactly that network's CAMs with 9x the capacity to move them."""
+        weights = dict(weights)
+        theirs, ours = weights.get("classifier.weight"), self.classifier.weight
+        if theirs is not None and theirs.shape[-1] == 1 and ours.shape[-1] == 3 and theirs.shape[:2] == ours.shape[:2]:
+            centred = torch.zeros_like(ours)
+            centred[..., 1, 1] = theirs[..., 0, 0]
+            weights["classifier.weight"] = centred
+        self.load_state_dict(weights)
+
     def features(self, images: torch.Tensor) -> torch.Tensor:
         return self.trunk(self.stem(images))
 
@@ -86,9 +104,20 @@ class CamNet(nn.Module):
         """Image-level logits = global average of the CAMs (a 1x1 conv commutes with GAP)."""
         return cams.mean(dim=(2, 3))
 
-    def param_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-        """(backbone, classifier) parameters: the references train the classifier at 10x lr."""
-        return list(self.stem.parameters()) + list(self.trunk.parameters()), list(self.classifier.parameters())
+    def param_groups(self, freeze_stem: bool = False) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """(backbone, classifier) parameters: the references train the classifier at 10x lr; with
+        ``freeze_stem`` the backbone's leaves out conv1/bn1, which the references freeze."""
+        stem = [] if freeze_stem else list(self.stem.parameters())
+        return stem + list(self.trunk.parameters()), list(self.classifier.parameters())
+
+    def stem_parameters(self) -> list[nn.Parameter]:
+        return list(self.stem.parameters())
+
+    def fix_batch_norm(self) -> None:
+        """Every batch norm on its running statistics (the references' FixedBatchNorm); affine weights still learn."""
+        for module in self.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
 
 
 def _unstride(layer: nn.Sequential) -> None:

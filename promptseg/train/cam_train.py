@@ -108,7 +108,7 @@ class CamTrainer:
 
     # -- the loop
     def _optimizer(self):
-        backbone, classifier = self.net.param_groups()
+        backbone, classifier = self.net.param_groups(freeze_stem=self.cfg.freeze_stem)
         cfg = self.cfg
         groups = [{"params": backbone, "lr": cfg.lr, "base_lr": cfg.lr}] if self.trains_backbone() else []
         groups += [{"params": classifier, "lr": cfg.lr * cfg.classifier_lr_mult,
@@ -136,9 +136,10 @@ class CamTrainer:
         torch.set_num_threads(cfg.threads)
         seed_everything(cfg.seed + runtime.rank)  # each process draws its own crops
         self.place(runtime)
-        if not self.trains_backbone():  # frozen before DDP wraps the network, which then ignores it
-            for param in self.net.param_groups()[0]:
-                param.requires_grad_(False)
+        frozen = self.net.param_groups()[0] if not self.trains_backbone() else \
+            self.net.stem_parameters() if cfg.freeze_stem else []
+        for param in frozen:  # frozen before DDP wraps the network, which then ignores them
+            param.requires_grad_(False)
         optimizer = self._optimizer()
         model = self.net
         if runtime.distributed:
@@ -184,6 +185,8 @@ class CamTrainer:
             if not self.trains_backbone():  # a frozen backbone keeps its batch-norm statistics too
                 self.net.stem.eval()
                 self.net.trunk.eval()
+            elif cfg.uses_fixed_bn:
+                self.net.fix_batch_norm()
             if sampler is not None:
                 sampler.set_epoch(epoch)
             sums: dict[str, float] = {}

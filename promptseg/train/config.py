@@ -73,6 +73,11 @@ class CamTrainConfig:
     momentum: float = 1e-4
     classifier_lr_mult: float = 10.0
     weight_decay: float = 1e-4
+    # ResNet conv1/bn1 frozen, as every reference CAM network (resnet50_cam, resnet50_clims)
+    freeze_stem: bool = True
+    # batch norm on running statistics (FixedBatchNorm, the reference baseline's) or on batch statistics
+    # (the CLIMS/POLE network's resnet50_v2, "not fix bn"); None: fixed for the baseline only
+    fixed_bn: bool | None = None
     crop: int = 64
     scale_range: tuple[float, float] = (0.8, 1.25)
     cam_scales: tuple[float, ...] = (1.0, 0.5, 1.5, 2.0)
@@ -82,6 +87,10 @@ class CamTrainConfig:
     amp: bool | None = None  # bf16 autocast (fp16 on GPUs without bf16); None: where the hardware has bf16
     channels_last: bool | None = None  # NHWC; None: on
     guidance: ClipGuidance | None = None  # the CLIP-guided methods' settings
+
+    @property
+    def uses_fixed_bn(self) -> bool:
+        return self.method == "baseline" if self.fixed_bn is None else self.fixed_bn
 
     def validate(self) -> None:
         self.net.validate()

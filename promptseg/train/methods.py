@@ -61,7 +61,7 @@ class ClipGuidedTrainer(CamTrainer):
             raise ConfigError(f"method {cfg.method}: needs the `guidance` section (CLIP, weights)")
         self.guide = cfg.guidance
         if self.guide.init_from:
-            self.net.load_state_dict(_baseline_weights(self.guide.init_from))
+            self.net.load_cam_weights(_baseline_weights(self.guide.init_from))
         self.clip, self.tokenizer = ClipSpec(self.guide.clip_model, self.guide.clip_pretrained).load()
         self.clip_size = clip_input_size(self.clip)
         words = self.guide.class_words or default_class_words(self.dataset.class_names)

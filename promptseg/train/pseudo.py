@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data.images import mask_to_png_image
+from ..data.images import load_mask, mask_to_png_image
 from ..data.palette import IGNORE_INDEX
 from ..data.voc import VOCDataset
 from ..errors import ConfigError, PromptsegError
@@ -44,6 +44,9 @@ class PseudoMaskConfig:
     workers: int = 2  # processes running the dense CRF (it is single-threaded C++)
     amp: bool | None = None  # bf16 CAM inference; None: where the CPU has bf16 units
     channels_last: bool | None = None
+    # another run's pseudo-mask folder (SemPLeS: its generator's): the report gives `mask_change_share`,
+    # the share of pixels whose label differs from it
+    compare_to: str | None = None
 
     def validate(self) -> None:
         if self.low is not None and self.high is not None and self.high < self.low:
@@ -196,7 +199,7 @@ def make_pseudo_masks(cfg: PseudoMaskConfig, *, show_progress: bool = True) -> d
         leak = ContextLeak(dataset.num_classes)
         cam_scores = CamScores(dataset.num_classes, threshold=cam_threshold)
         has_gt = has_context = True
-        ignored = total = 0
+        ignored = total = changed = 0
         for chunk in tqdm(list(same_size_chunks(dataset, cfg.batch_size)), desc="pseudo-masks",
                           disable=not show_progress):
             images = np.stack([s.load_image() for s in chunk])
@@ -211,6 +214,8 @@ def make_pseudo_masks(cfg: PseudoMaskConfig, *, show_progress: bool = True) -> d
                 write_bytes_atomic(out / f"{sample.id}.png", buf.getvalue())
                 ignored += int((mask == IGNORE_INDEX).sum())
                 total += mask.size
+                if cfg.compare_to is not None:
+                    changed += int((load_mask(Path(cfg.compare_to) / f"{sample.id}.png") != mask).sum())
                 if sample.mask_path is None:
                     has_gt = False
                     continue
@@ -245,6 +250,7 @@ def make_pseudo_masks(cfg: PseudoMaskConfig, *, show_progress: bool = True) -> d
                                       ["per_class_iou"] if has_gt else None),
         "pseudo_mask_context_leak": float(leak.overall()) if has_gt and has_context else None,
         "ignored_share": ignored / max(total, 1),
+        **({"mask_change_share": changed / max(total, 1), "compared_to": cfg.compare_to} if cfg.compare_to else {}),
         "images": len(dataset),
         **precision_facts(amp_dtype, channels_last),
         "throughput": throughput.report(),  # val and train images, CRF and PNG writing included
