@@ -8,6 +8,7 @@ from click.testing import CliRunner
 from conftest import TINY_PIPELINE
 from PIL import Image
 
+from promptseg.claims import describe
 from promptseg.cli import main
 from promptseg.errors import ConfigError
 from promptseg.pipeline import CAM_METHODS, PipelineConfig, _stage, method_guidance, reproduction_checks, run_pipeline
@@ -51,11 +52,21 @@ def test_pipeline_report_holds_every_stage(tiny_demo):
         row = report["methods"][method]
         assert f"| {method} | {row['cam_miou']:.1f} | {row['context_leak']:.3f} | {row['pseudo_mask_miou']:.1f} |" \
             in markdown
-    assert report["checks"] == reproduction_checks(report["methods"], report["seg_val_miou"],
-                                                   report["seg_val_miou_gt_trained"], report["calibration"])
-    assert len(report["checks"]) == 8  # all four methods, the segmenter and both INT8 targets
-    for name, ok in report["checks"].items():
-        assert f"- {name}: {'yes' if ok else 'NO'}" in markdown
+    checks = report["checks"]
+    assert checks == json.loads(json.dumps(reproduction_checks(report["methods"], report["seg_val_miou"],
+                                                               report["seg_val_miou_gt_trained"],
+                                                               report["calibration"])))
+    methods = report["methods"]
+    assert set(checks["differences"]) == {"clims_minus_baseline", "clims_minus_baseline_leak", "pole_minus_clims",
+                                          "pole_minus_clims_leak", "semples_minus_clims", "semples_minus_clims_leak"}
+    assert checks["differences"]["clims_minus_baseline"]["mean"] == \
+        pytest.approx(methods["clims"]["cam_miou"] - methods["baseline"]["cam_miou"])
+    for name, row in checks["differences"].items():
+        assert row["verdict"] == "one seed" and f"- {describe(name, row)}" in markdown
+    assert "(one seed; claimed:" in markdown and "yes" not in markdown.split("## The papers' claims")[1]
+    assert checks["segmenter_gap_to_ground_truth"] == pytest.approx(report["seg_val_miou_gt_trained"]
+                                                                    - report["seg_val_miou"])
+    assert {checks["int8_gate_cpu"], checks["int8_gate_tensorrt"]} <= {True, False}
     for picture in ("examples.png", "latency_vs_miou.png"):
         with Image.open(tiny_demo / picture) as img:
             assert img.width > 100 and img.height > 100
@@ -102,8 +113,13 @@ def test_pipeline_config_is_checked_before_any_work(tmp_path):
     with pytest.raises(ConfigError, match="crf"):
         PipelineConfig(crf="yes").validate()
     with pytest.raises(ConfigError, match="semples_generator"):  # SemPLeS refines a run made before it
-        PipelineConfig(methods=("baseline", "semples"), seg_methods=("semples",)).validate()
-    PipelineConfig(methods=("baseline", "semples"), semples_generator="baseline").validate()
+        PipelineConfig(methods=("baseline", "semples"), semples_generator="clims").validate()
+    PipelineConfig(methods=("baseline", "semples")).validate()  # S: the baseline, which never saw CLIP
+    with pytest.raises(ConfigError, match="expected 'baseline' first, then some of clims, pole, semples, "
+                                          "semples_no_suppression"):
+        PipelineConfig(methods=("baseline", "semples_ablated")).validate()
+    with pytest.raises(ConfigError, match="head: got '5x5'"):
+        PipelineConfig(semples_head="5x5").validate()
     config = tmp_path / "p.json"
     config.write_text(json.dumps({"out": str(tmp_path / "run"), "epochs_typo": 3}))
     result = CliRunner().invoke(main, ["pipeline", str(config)])
@@ -118,21 +134,25 @@ def test_a_given_tiny_clip_keeps_the_tiny_clip_wording():
     assert real.class_template == "a photo of {}." and real.cbs_threshold == 0.26  # METHODS.md's
 
 
-def test_reproduction_checks_follow_the_training_issue():
+def test_reproduction_checks_give_one_seeds_numbers_not_verdicts():
     methods = {"baseline": {"cam_miou": 40.0, "context_leak": 0.5},
                "clims": {"cam_miou": 43.0, "context_leak": 0.4},
                "pole": {"cam_miou": 42.9, "context_leak": 0.3, "prompt_changed_share": 0.2},
-               "semples": {"cam_miou": 43.0, "context_leak": 0.4}}
+               "semples": {"cam_miou": 43.5, "context_leak": 0.45, "mask_change_share": 0.03}}
     gates = {"cpu": {"gate_passed": True}, "tensorrt": {"gate_passed": False}}
     checks = reproduction_checks(methods, 60.0, 70.0, gates)
-    assert checks == {"clims_beats_baseline_by_3": True, "pole_changes_prompts": True, "pole_at_least_clims": False,
-                      "semples_leaks_less_than_clims": False, "semples_at_least_clims": True,
-                      "seg_within_10_of_gt": True, "int8_gate_cpu": True, "int8_gate_tensorrt": False}
-    assert reproduction_checks(methods, 59.9, 70.0)["seg_within_10_of_gt"] is False
-    # a run of some methods gets only the checks its methods allow
-    assert reproduction_checks({m: methods[m] for m in ("baseline", "semples")}, None, None) == {}
+    differences = checks.pop("differences")
+    assert checks == {"pole_prompt_changed_share": 0.2, "semples_mask_change_share": 0.03,
+                      "segmenter_gap_to_ground_truth": 10.0, "int8_gate_cpu": True, "int8_gate_tensorrt": False}
+    assert {k: round(v["mean"], 6) for k, v in differences.items()} == {
+        "clims_minus_baseline": 3.0, "clims_minus_baseline_leak": -0.1, "pole_minus_clims": -0.1,
+        "pole_minus_clims_leak": -0.1, "semples_minus_clims": 0.5, "semples_minus_clims_leak": 0.05}
+    assert {v["verdict"] for v in differences.values()} == {"one seed"}
+    # a run of some methods gets only the differences its methods allow
+    assert reproduction_checks({m: methods[m] for m in ("baseline", "semples")}, None, None) == {
+        "differences": {}, "semples_mask_change_share": 0.03}
     no_contexts = {m: {**row, "context_leak": None} for m, row in methods.items()}  # real data: no ContextMasks
-    assert "semples_leaks_less_than_clims" not in reproduction_checks(no_contexts, None, None)
+    assert not any(k.endswith("_leak") for k in reproduction_checks(no_contexts, None, None)["differences"])
 
 
 def test_semples_refines_a_generator_that_never_saw_clip(tiny_demo):
