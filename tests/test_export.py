@@ -168,3 +168,12 @@ def test_exported_graphs_equal_the_trained_networks_at_odd_sizes(tiny_demo, tiny
     session = ort.InferenceSession(str(tiny_export / "cam.onnx"), providers=["CPUExecutionProvider"])
     got = session.run(["cams"], {"image": x})[0]
     np.testing.assert_allclose(got, cams, atol=1e-4)
+
+
+def test_the_manifest_lists_only_what_this_export_wrote(tiny_demo, tmp_path):
+    from promptseg.export import ExportConfig, export_run
+
+    (tmp_path / "old_segmenter.onnx").write_bytes(b"an earlier export's file")
+    export_run(ExportConfig(run=str(tiny_demo), out=str(tmp_path), method="semples"))
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert set(manifest["files"]) == {"segmenter.onnx", "cam.onnx", "text_features.npy"}

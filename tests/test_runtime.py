@@ -241,3 +241,23 @@ def test_peak_rss_of_a_child_is_its_own_not_its_big_parents():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert float(done.stdout) < 200 and ballast.sum() > 0
+
+
+def test_a_provider_that_fails_to_start_is_an_error_not_a_quiet_cpu_fallback(models, monkeypatch):
+    import onnxruntime as ort
+
+    from promptseg.runtime.backends import onnxrt
+
+    real = ort.InferenceSession
+
+    class FallingBack(real):
+        def __init__(self, path, sess_options=None, providers=None, provider_options=None):
+            super().__init__(path, sess_options=sess_options, providers=["CPUExecutionProvider"])
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(ort, "InferenceSession", FallingBack)
+    with pytest.raises(PromptsegError, match="could not start CUDAExecutionProvider .* fell back to "
+                                             "CPUExecutionProvider"):
+        onnxrt.session_from_onnx(models["fp32"], ("cuda",))
+    session = onnxrt.session_from_onnx(models["fp32"], "auto")  # auto: whatever starts
+    assert session.get_providers() == ["CPUExecutionProvider"]

@@ -228,6 +228,21 @@ def test_host_device_buffer_grows_and_frees():
     assert cuda.memory == {} and cuda.host_live == 0
 
 
+def test_a_failed_pinned_allocation_gives_the_device_memory_back():
+    cuda = NumpyCuda()
+    buffer = HostDeviceBuffer(cuda)
+    buffer.ensure(64)
+
+    def no_pinned_memory(nbytes):
+        raise CudaError("CUDA cudaMallocHost: cudaErrorMemoryAllocation")
+
+    cuda.malloc_host = no_pinned_memory
+    with pytest.raises(CudaError, match="cudaMallocHost"):
+        buffer.ensure(1 << 20)
+    assert cuda.memory == {} and buffer.capacity == 0  # neither the old nor the new device buffer is left
+    buffer.free()  # and freeing again is harmless
+
+
 # ----------------------------------------------------------------------------- a fake tensorrt
 
 
@@ -464,6 +479,30 @@ def test_fake_tensorrt_rebuilds_when_the_onnx_at_the_same_path_changes(fake_devi
         got = runner.infer({"image": x})["logits"]
     assert len(trt.builds) == 2 and not np.allclose(first, expected)
     np.testing.assert_array_equal(got, expected)  # the new model's outputs, not the stale engine's
+
+
+def test_an_unwritable_engine_cache_keeps_the_built_engine_for_the_run(fake_device, tmp_path, monkeypatch):
+    from promptseg.runtime import engine_cache
+
+    _, install = fake_device
+    trt = install("10.3.0")
+    model = tiny_segmenter(tmp_path / "seg.onnx")
+    cache_dir = tmp_path / "engines"
+    real_store = engine_cache.EngineCache.store
+
+    def store(self, *args):
+        if self.root == cache_dir:
+            raise OSError(28, "No space left on device")
+        return real_store(self, *args)
+
+    monkeypatch.setattr(engine_cache.EngineCache, "store", store)
+    x = np.random.default_rng(2).random((1, 3, 24, 24), dtype=np.float32)
+    with open_runner(model, "onnxruntime") as reference:
+        expected = reference.infer({"image": x})["labels"]
+    with open_runner(model, "tensorrt", BackendOptions(max_batch=1, max_side=64, cache_dir=str(cache_dir))) as runner:
+        assert "not cached" in runner.cache_note and "No space left on device" in runner.cache_note
+        np.testing.assert_array_equal(runner.infer({"image": x})["labels"], expected)
+    assert len(trt.builds) == 1 and not cache_dir.exists()
 
 
 def test_fake_tensorrt_11_refuses_fp16_from_an_fp32_graph(fake_device, tmp_path):

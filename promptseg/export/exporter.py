@@ -132,15 +132,18 @@ def export_run(cfg: ExportConfig) -> dict:
         report["files"][spec.filename] = entry
     report["bounds"] = {"max_abs_diff": cfg.max_abs_diff, "min_label_agreement": cfg.min_label_agreement}
     write_json_atomic(out / "export_report.json", report)
-    _write_manifest(out, cfg, folded, {"segmenter": read_json(seg_run / "config.json"), "cam": cam_config}, onnx)
+    written = [out / spec.filename for _, spec, _, _ in graphs.values()]
+    written += [out / "text_features.npy"] if folded is not None else []
+    _write_manifest(out, cfg, folded, {"segmenter": read_json(seg_run / "config.json"), "cam": cam_config}, onnx,
+                    written)
     if failures:
         raise ParityError("parity gate failed: " + " | ".join(failures))
     return report
 
 
-def _write_manifest(out: Path, cfg: ExportConfig, folded, configs: dict, onnx_module) -> None:
-    files = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-             for p in sorted(out.iterdir()) if p.suffix in (".onnx", ".npy")}
+def _write_manifest(out: Path, cfg: ExportConfig, folded, configs: dict, onnx_module, written: list[Path]) -> None:
+    """``manifest.json`` of the files this export wrote (not whatever an earlier export left in the folder)."""
+    files = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in written}
     manifest = {
         "promptseg_version": __version__,
         "versions": {"torch": torch.__version__, "onnx": onnx_module.__version__, "opset": OPSET,

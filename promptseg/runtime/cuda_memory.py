@@ -205,9 +205,13 @@ class HostDeviceBuffer:
         if nbytes <= self.capacity:
             return
         self.free()
-        self.device = self._cuda.malloc(nbytes)
-        self.host = self._cuda.malloc_host(nbytes)
-        self.capacity = nbytes
+        device = self._cuda.malloc(nbytes)
+        try:
+            host = self._cuda.malloc_host(nbytes)
+        except BaseException:  # no pinned memory: give the device allocation back, or it leaks
+            self._cuda.free(device)
+            raise
+        self.device, self.host, self.capacity = device, host, nbytes
 
     def host_view(self, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
         """The first bytes of the pinned buffer seen as an array of ``dtype`` and ``shape``."""

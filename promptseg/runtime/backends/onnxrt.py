@@ -70,10 +70,17 @@ def session_from_onnx(path, providers: Sequence[str] | str = ("cpu",), threads: 
         else:
             provider_options.append({})
     try:
-        return ort.InferenceSession(str(path), sess_options=options, providers=resolved,
-                                    provider_options=provider_options)
+        session = ort.InferenceSession(str(path), sess_options=options, providers=resolved,
+                                       provider_options=provider_options)
     except _ort_errors() as exc:
         raise PromptsegError(f"{path}: ONNX Runtime cannot load it ({str(exc).strip().splitlines()[0]})") from None
+    started = session.get_providers()
+    missing = [name for name in resolved if name not in started]
+    if missing and providers != "auto":  # ONNX Runtime falls back to the CPU quietly when a provider fails
+        raise PromptsegError(f"{path}: ONNX Runtime could not start {', '.join(missing)} (its libraries or "
+                             f"device are missing) and fell back to {', '.join(started)} | expected the providers "
+                             f"asked for; ask for cpu, or auto to take what starts")
+    return session
 
 
 def _tensor_spec(arg) -> TensorSpec:

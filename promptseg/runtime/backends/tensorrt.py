@@ -16,6 +16,7 @@ features detected rather than assumed:
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -178,7 +179,13 @@ def cached_engine(onnx_path, options: BackendOptions) -> tuple[Path, str]:
     timing = Path(options.timing_cache) if options.timing_cache else None
     engine = engine_from_onnx(trt, onnx_path, plan, profile, options.workspace_mib, timing)
     build = {"plan": asdict(plan), "workspace_mib": options.workspace_mib, "graph_precision": graph}
-    return cache.store(key, onnx_path.stem, engine, metadata.to_props(), build), f"built ({reason})"
+    try:
+        return cache.store(key, onnx_path.stem, engine, metadata.to_props(), build), f"built ({reason})"
+    except OSError as exc:  # a full or read-only cache must not cost the build (minutes on a Jetson)
+        scratch = EngineCache(Path(tempfile.mkdtemp(prefix="promptseg-engine-")))
+        path = scratch.store(key, onnx_path.stem, engine, metadata.to_props(), build)
+        return path, f"built ({reason}); not cached: {cache.root} is not writable ({exc.strerror or exc}), " \
+                     f"this run uses {path}"
 
 
 # ----------------------------------------------------------------------------- run
