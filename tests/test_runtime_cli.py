@@ -236,3 +236,20 @@ def test_build_engine_checks_its_shape_options(models):
     result = _run(["build-engine", models["fp32"], "--min-shape", "1x3x64x64", "--opt-shape", "1x3x32x32",
                    "--max-shape", "1x3x64x64"])
     assert result.exit_code == 1 and "expected min <= opt <= max" in result.output
+
+
+def test_a_bench_row_reports_the_precision_that_ran_not_the_onnxs(models, monkeypatch, capsys):
+    """A TensorRT engine built with --precision fp16 from an fp32 ONNX runs fp16: the row must say so."""
+    from promptseg.runtime import bench
+    from promptseg.runtime.backends import BackendOptions
+    from promptseg.runtime.backends.onnxrt import OnnxrtRunner
+
+    class Fp16Engine(OnnxrtRunner):  # the model's own graph, reporting the precision an engine was built at
+        precision = property(lambda self: "fp16")
+
+    monkeypatch.setattr(bench, "open_runner", lambda model, backend, options: Fp16Engine(model))
+    monkeypatch.setattr(bench, "import_backend", lambda name: None)
+    bench.child_main(0.0, {"model": str(models["fp32"]), "backend": "tensorrt", "batch": 1, "warmup": 0,
+                           "iters": 2, "options": BackendOptions().to_json()})
+    line = [x for x in capsys.readouterr().out.splitlines() if x.startswith(bench.ROW_MARK)][-1]
+    assert json.loads(line[len(bench.ROW_MARK):])["precision"] == "fp16"

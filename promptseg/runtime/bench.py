@@ -130,6 +130,7 @@ def child_main(t0: float, args: dict) -> None:
         rss_ready = peak_rss_mb()
         row = measure(runner, args["batch"], args["warmup"], args["iters"])
         row["providers"] = getattr(runner, "providers", [])
+        row["precision"] = runner.precision  # what ran: a TensorRT engine built fp16 from an fp32 ONNX says fp16
         runner.deactivate()
     except PromptsegError as exc:
         print(f"Error: {exc}", file=sys.stderr)
@@ -171,7 +172,8 @@ def bench_row(model: str, backend: str, batch: int, cfg: BenchConfig) -> dict:
         tail = "\n".join(done.stderr.strip().splitlines()[-5:]) or f"exit code {done.returncode}"
         raise PromptsegError(f"bench {model} on {backend}, batch {batch} failed: {tail}")
     measured = json.loads(lines[-1][len(ROW_MARK):])
-    return {"model": str(model), "backend": backend, "precision": precision_of(model), "batch": batch,
+    precision = measured.pop("precision", None) or precision_of(model)
+    return {"model": str(model), "backend": backend, "precision": precision, "batch": batch,
             **measured, "warmup": cfg.warmup, "iters": cfg.iters}
 
 
