@@ -137,7 +137,7 @@ class ClipGuidedTrainer(CamTrainer):
     def _calibrate_cbs_threshold(self, max_images: int = 256) -> float:
         """The quantile of whole training images' similarity to the background prompts, seen as the
         losses see images (one at a time: a real dataset's sizes differ)."""
-        views = [reference_view(torch.from_numpy(self.dataset[i].load_image()).permute(2, 0, 1)[None].float()
+        views = [reference_view(torch.tensor(self.dataset[i].load_image()).permute(2, 0, 1)[None].float()
                                 / 255.0, self.clip_size) for i in range(min(len(self.dataset), max_images))]
         sims = self.encode_images(torch.cat(views)) @ self.background_text.T
         return float(torch.quantile(sims.flatten(), self.guide.cbs_quantile))
