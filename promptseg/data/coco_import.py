@@ -49,10 +49,10 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import ConfigError, DataError
-from ..io import read_json, write_bytes_atomic, write_json_atomic, write_text_atomic
+from ..io import read_json, write_bytes_atomic, write_json_atomic
 from .images import exif_orientation, load_rgb, mask_to_png_image
 from .palette import IGNORE_INDEX
-from .voc import save_cls_labels
+from .voc import write_image_sets
 
 JPEG_QUALITY = 95
 POLYGON_TOLERANCE = 1.0  # pixels a polygon point may lie outside the image (annotation tools overshoot)
@@ -479,10 +479,7 @@ def write_import(plan: ImportPlan, out: str | os.PathLike, progress: Callable[[i
             copied += int(item.copy)
             if progress is not None:
                 progress(1)
-        for split, ids in splits.items():
-            if ids:
-                write_text_atomic(staging / "ImageSets" / "Segmentation" / f"{split}.txt", "\n".join(ids) + "\n")
-        save_cls_labels(staging / "cls_labels.npy", labels)
+        write_image_sets(staging, splits, labels)
         write_json_atomic(staging / "classes.json", classes_json(plan))
         summary = {
             "images": len(plan.images),

@@ -9,6 +9,7 @@ transparency is composited on the same white background.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -33,18 +34,11 @@ def image_size(path: str | os.PathLike, *, exif: bool = True) -> tuple[int, int]
     """``(width, height)`` from the header without decoding pixels; with ``exif`` as :func:`load_rgb`
     returns it (orientations 5..8 swap the sides)."""
     path = Path(path)
-    try:
-        with Image.open(path) as img:
-            width, height = img.size
-            if exif and exif_orientation(img) >= 5:
-                width, height = height, width
-            return width, height
-    except FileNotFoundError:
-        raise DataError(f"{path}: image file not found") from None
-    except UnidentifiedImageError:
-        raise DataError(f"{path}: not an image Pillow can read") from None
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise DataError(f"{path}: unreadable image header ({exc})") from None
+    with _open_image(path, "unreadable image header") as img:
+        width, height = img.size
+        if exif and exif_orientation(img) >= 5:
+            width, height = height, width
+        return width, height
 
 
 def load_rgb(path: str | os.PathLike, *, exif: bool = True) -> np.ndarray:
@@ -55,18 +49,26 @@ def load_rgb(path: str | os.PathLike, *, exif: bool = True) -> np.ndarray:
     :data:`BACKGROUND`. ``exif=False`` keeps the stored orientation.
     """
     path = Path(path)
+    with _open_image(path, "unreadable image") as img:
+        img.load()
+        if exif and exif_orientation(img) != 1:
+            img = ImageOps.exif_transpose(img)
+        return _to_rgb(img, path)
+
+
+@contextmanager
+def _open_image(path: Path, unreadable: str):
+    """``Image.open`` whose failures become :class:`DataError` naming the file (``unreadable``: what to call
+    a file Pillow opens but cannot read)."""
     try:
         with Image.open(path) as img:
-            img.load()
-            if exif and exif_orientation(img) != 1:
-                img = ImageOps.exif_transpose(img)
-            return _to_rgb(img, path)
+            yield img
     except FileNotFoundError:
         raise DataError(f"{path}: image file not found") from None
     except UnidentifiedImageError:
         raise DataError(f"{path}: not an image Pillow can read") from None
     except (OSError, ValueError, SyntaxError) as exc:
-        raise DataError(f"{path}: unreadable image ({exc})") from None
+        raise DataError(f"{path}: {unreadable} ({exc})") from None
 
 
 def _to_rgb(img: Image.Image, path: Path) -> np.ndarray:

@@ -449,7 +449,7 @@ def write_world(out: str | Path, cfg: SynthConfig, progress: Callable[[int], Non
     for web-scale data: CLIP pretrains on their captions and the CAM backbone on their labels, as
     the references start from a CLIP trained on the web and ImageNet weights.
     """
-    from .voc import save_cls_labels
+    from .voc import write_image_sets
 
     cfg.validate()
     out = Path(out)
@@ -483,10 +483,7 @@ def write_world(out: str | Path, cfg: SynthConfig, progress: Callable[[int], Non
         splits["clip"].append(image_id)
         if progress is not None:
             progress(1)
-    for split, ids in splits.items():
-        if ids:
-            write_text_atomic(out / "ImageSets" / "Segmentation" / f"{split}.txt", "\n".join(ids) + "\n")
-    save_cls_labels(out / "cls_labels.npy", labels)
+    write_image_sets(out, splits, labels)
     write_text_atomic(out / "captions.jsonl", "\n".join(captions) + "\n")
     write_text_atomic(out / "objects.jsonl", "\n".join(objects) + "\n")
     write_json_atomic(out / "classes.json", classes_json(cfg))

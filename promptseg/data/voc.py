@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError
-from ..io import atomic_write, read_json
+from ..io import atomic_write, read_json, write_text_atomic
 from .images import image_size, load_mask, load_rgb
 from .palette import IGNORE_INDEX
 
@@ -133,6 +133,16 @@ def load_cls_labels(path: str | os.PathLike, num_classes: int) -> dict[str, np.n
             raise DataError(f"{path}: id {image_id!r} appears twice with different labels | expected one entry")
         out[image_id] = vec
     return out
+
+
+def write_image_sets(root: str | os.PathLike, splits: dict[str, list[str]], labels: dict[str, np.ndarray]) -> None:
+    """The VOC layout's lists (``ImageSets/Segmentation/<split>.txt`` for each non-empty split) and
+    ``cls_labels.npy``: what a writer of the layout (the synthetic world, a COCO import) leaves behind."""
+    root = Path(root)
+    for split, ids in splits.items():
+        if ids:
+            write_text_atomic(root / _LIST_DIR / f"{split}.txt", "\n".join(ids) + "\n")
+    save_cls_labels(root / "cls_labels.npy", labels)
 
 
 def save_cls_labels(path: str | os.PathLike, labels: dict[str, np.ndarray]) -> None:
