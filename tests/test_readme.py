@@ -23,3 +23,10 @@ def test_the_readme_claims_table_is_the_one_methods_cpu_json_gives():
 
 def test_the_readme_stays_a_users_page():
     assert len((ROOT / "README.md").read_text().splitlines()) <= 200
+
+
+def test_ci_runs_exactly_the_readmes_test_command():
+    readme = (ROOT / "README.md").read_text()
+    command = re.search(r"## Tests\s+```bash\n(.+?)\n```", readme, re.S).group(1).strip()
+    assert command.endswith("python -m pytest -q")
+    assert (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1] == command

@@ -19,8 +19,8 @@ from promptseg.errors import DataError, PromptsegError
 from promptseg.runtime.backends import BackendOptions, check_feed, open_runner
 from promptseg.runtime.backends.onnxrt import resolve_providers
 from promptseg.runtime.engine_cache import ShapeProfile
-from promptseg.runtime.infer import collect_inputs, load_input, output_names
 from promptseg.runtime.processing import fit_sides
+from promptseg.runtime.sources import check_pixels, collect_inputs, output_names
 from promptseg.runtime.spec import IMAGE, MAX_SIDE, MIN_SIDE
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -176,7 +176,7 @@ def test_pillow_decompression_bomb_becomes_a_reason(tmp_path, monkeypatch):
     Image.new("RGB", (200, 200)).save(tmp_path / "big.png")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)  # 40,000 px is over twice the limit
     with pytest.raises(DataError, match=r"big.png: refused as a decompression bomb \(Image size \(40000 pixels\)"):
-        load_input(tmp_path / "big.png", max_pixels=10**9)
+        check_pixels(tmp_path / "big.png", max_pixels=10**9)
 
 
 # ----------------------------------------------------------------------------- torch-free device run
@@ -192,7 +192,7 @@ _BLOCKED_RUN = textwrap.dedent("""
 
     sys.meta_path.insert(0, Block())
     import promptseg.runtime.backends.onnxrt, promptseg.runtime.backends.tensorrt, promptseg.runtime.bench
-    import promptseg.runtime.compare, promptseg.runtime.cuda_memory
+    import promptseg.runtime.compare, promptseg.runtime.cuda_memory, promptseg.runtime.sources, promptseg.runtime.video
     from promptseg.runtime.cli import infer
     from promptseg.runtime.infer import InferConfig, run_infer
 

@@ -67,20 +67,20 @@ def _bad_input_set(root: Path) -> tuple[dict[str, tuple[int, int]], dict[str, st
     Image.fromarray(rgb).convert("P", palette=Image.ADAPTIVE, colors=16).save(root / "palette.png")
     Image.fromarray(np.dstack([rgb, rng.integers(0, 256, (40, 48), dtype=np.uint8)]), "RGBA").save(root / "rgba.png")
     Image.new("RGB", (1, 1), (200, 10, 10)).save(root / "one_pixel.png")
-    Image.fromarray(rng.integers(0, 256, (40, 400, 3), dtype=np.uint8)).save(root / "large.png")  # > --max-side
+    Image.fromarray(rng.integers(0, 256, (40, 400, 3), dtype=np.uint8)).save(root / "large.png")
     data = (root / "good.jpg").read_bytes()
     (root / "truncated.jpg").write_bytes(data[: len(data) // 2])
     (root / "text.png").write_text("this is not an image\n")
     _png_header_only(root / "bomb.png", 100_000, 100_000)  # Pillow itself refuses this header
     Image.new("RGB", (200, 200)).save(root / "too_many_pixels.png")  # over --max-pixels below
-    Image.new("RGB", (3000, 1)).save(root / "sliver.png")  # no scale fits 16..256 on both sides
+    Image.new("RGB", (3000, 1)).save(root / "sliver.png")  # any aspect: every frame runs at the network's size
     good = {"good.jpg": (48, 40), "good_wide.png": (48, 30), "cmyk.jpg": (48, 40), "grey16.png": (36, 36),
-            "palette.png": (48, 40), "rgba.png": (48, 40), "one_pixel.png": (1, 1), "large.png": (400, 40)}
+            "palette.png": (48, 40), "rgba.png": (48, 40), "one_pixel.png": (1, 1), "large.png": (400, 40),
+            "sliver.png": (3000, 1)}
     bad = {"truncated.jpg": r"truncated\.jpg: unreadable image \(image file is truncated",
            "text.png": r"text\.png: not an image Pillow can read",
            "bomb.png": r"bomb\.png: refused as a decompression bomb \(Image size \(10000000000 pixels\)",
-           "too_many_pixels.png": r"too_many_pixels\.png: 200x200 \(WxH\) is 40000 pixels \| expected at most 30000",
-           "sliver.png": r"sliver\.png: image 3000x1 \(WxH\): aspect ratio above 16:1"}
+           "too_many_pixels.png": r"too_many_pixels\.png: 200x200 \(WxH\) is 40000 pixels \| expected at most 30000"}
     return good, bad
 
 
@@ -89,7 +89,7 @@ def test_infer_reports_each_bad_file_and_writes_the_good_ones(models, tmp_path):
     images.mkdir()
     good, bad = _bad_input_set(images)
     result = _run(["infer", models["fp32"], "--input", images, "--out", out, "--batch", "3", "--overlay",
-                   "--max-side", "256", "--max-pixels", "30000"])
+                   "--max-pixels", "30000"])
     assert result.exit_code == 1, result.output
     assert f"Error: {len(bad)} of {len(good) + len(bad)} inputs failed" in result.output
     for name, reason in bad.items():
@@ -105,10 +105,10 @@ def test_infer_reports_each_bad_file_and_writes_the_good_ones(models, tmp_path):
         assert mask.mode == "P" and mask.size == size, name
         assert mask.getpalette()[:9] == [0, 0, 0, 128, 0, 0, 0, 128, 0]  # the model's palette, from metadata
         assert set(np.unique(np.asarray(mask)).tolist()) <= {0, 1, 2}
-        assert Image.open(out / "overlays" / f"{stem}.png").size == size
+        overlay = Image.open(out / "overlays" / f"{stem}.jpg")
+        assert overlay.format == "JPEG" and overlay.size == size
         assert by_name[name]["ok"] and set(by_name[name]["classes"]) <= set(CLASSES)
-    assert by_name["large.png"]["model_size_wh"] == [256, 26]  # downscaled for the model, mask at full size
-    assert by_name["one_pixel.png"]["model_size_wh"] == [16, 16]
+        assert by_name[name]["model_size_wh"] == [32, 32]  # the network's input size; the mask at full size
 
 
 def test_infer_accepts_globbed_files_and_succeeds_with_exit_0(models, tmp_path):
@@ -124,10 +124,9 @@ def test_infer_accepts_globbed_files_and_succeeds_with_exit_0(models, tmp_path):
 
 def test_infer_writes_each_file_its_own_mask_in_mixed_batches(models, tmp_path):
     """Every written mask equals the runner on that file alone, whatever batch it shared."""
+    from promptseg.data.images import load_rgb
     from promptseg.runtime.backends import open_runner
-    from promptseg.runtime.infer import load_input
-    from promptseg.runtime.processing import fit_sides, resize_labels, stack_batch
-    from promptseg.runtime.spec import MIN_SIDE
+    from promptseg.runtime.processing import stack_batch, to_model_size, upsample_labels
 
     rng = np.random.default_rng(7)
     files = []
@@ -135,16 +134,16 @@ def test_infer_writes_each_file_its_own_mask_in_mixed_batches(models, tmp_path):
         files.append(tmp_path / f"img{i}.png")
         Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(files[-1])
     out = tmp_path / "out"
-    result = _run(["infer", models["fp32"], "--input", *files, "--out", out, "--batch", "4", "--max-side", "96"])
+    result = _run(["infer", models["fp32"], "--input", *files, "--out", out, "--batch", "4"])
     assert result.exit_code == 0, result.output
     written = {}
     with open_runner(str(models["fp32"]), "onnxruntime") as runner:
         for path in files:
-            original = load_input(path, 10**6)
-            alone = runner.infer({"image": stack_batch([fit_sides(original, MIN_SIDE, 96)])})["labels"][0]
+            original = load_rgb(path)
+            feed = stack_batch([to_model_size(Image.fromarray(original), runner.metadata.input_size)])
+            alone = upsample_labels(runner.infer({"image": feed})["logits"][0], original.shape[:2])
             written[path.stem] = np.asarray(Image.open(out / "masks" / f"{path.stem}.png"))
-            np.testing.assert_array_equal(written[path.stem], resize_labels(alone, original.shape[:2]),
-                                          err_msg=path.name)
+            np.testing.assert_array_equal(written[path.stem], alone, err_msg=path.name)
     same_size = [written[f"img{i}"] for i in (0, 1, 2, 3, 7)]  # a swap among these would show
     assert all(not np.array_equal(a, b) for i, a in enumerate(same_size) for b in same_size[i + 1:])
 

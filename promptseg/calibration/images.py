@@ -18,8 +18,8 @@ import numpy as np
 from ..data.images import load_rgb
 from ..data.voc import Sample, VOCDataset
 from ..errors import DataError
-from ..runtime.infer import IMAGE_SUFFIXES  # the folders `promptseg infer` reads, read alike
 from ..runtime.processing import fit_sides, group_by_size, resize_labels, stack_batch
+from ..runtime.sources import IMAGE_SUFFIXES  # the folders `promptseg infer` reads, read alike
 from ..runtime.spec import MIN_SIDE
 
 MAX_NAMED_FAILURES = 20

@@ -48,12 +48,28 @@ def load_rgb(path: str | os.PathLike, *, exif: bool = True) -> np.ndarray:
     images (values must lie in 0..1); transparent pixels (alpha channel or a ``tRNS`` colour) become
     :data:`BACKGROUND`. ``exif=False`` keeps the stored orientation.
     """
-    path = Path(path)
+    return _load(Path(path), exif, None)[0]
+
+
+def load_rgb_reduced(path: str | os.PathLike, at_least_wh: tuple[int, int]) -> tuple[np.ndarray, tuple[int, int]]:
+    """:func:`load_rgb` for a consumer that needs only ``at_least_wh`` (displayed ``W, H``) pixels: a
+    JPEG decodes at the largest DCT reduction (1/2, 1/4, 1/8) that keeps both sides at least that big
+    (Pillow's draft mode: a 1080p frame for a 64 px network decodes 64x fewer pixels); other formats
+    decode whole. Returns the RGB array and the full displayed ``(W, H)``."""
+    return _load(Path(path), True, at_least_wh)
+
+
+def _load(path: Path, exif: bool, draft_wh: tuple[int, int] | None) -> tuple[np.ndarray, tuple[int, int]]:
     with _open_image(path, "unreadable image") as img:
+        rotated = exif and exif_orientation(img) != 1
+        sideways = exif and exif_orientation(img) >= 5
+        full = img.size[::-1] if sideways else img.size
+        if draft_wh is not None:
+            img.draft(None, tuple(draft_wh[::-1]) if sideways else tuple(draft_wh))  # in stored orientation
         img.load()
-        if exif and exif_orientation(img) != 1:
+        if rotated:
             img = ImageOps.exif_transpose(img)
-        return _to_rgb(img, path)
+        return _to_rgb(img, path), full
 
 
 @contextmanager

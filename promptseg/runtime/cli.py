@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -15,6 +16,7 @@ import click
 from ..errors import PromptsegError
 from .backends import BACKENDS, BackendOptions
 from .precision import PRECISIONS
+from .spec import OVERLAY_FORMATS
 
 _MODEL = click.Path(exists=True, dir_okay=False, path_type=Path)
 
@@ -40,48 +42,98 @@ def _backend_options(f):
     return f
 
 
+class FrameProgress:
+    """A progress bar with the frame rate on stderr; a counter line when the total is unknown (a stream)."""
+
+    def __init__(self, label: str = "infer"):
+        self.label, self.count, self.bar, self._last = label, 0, None, 0.0
+        self._started = time.perf_counter()
+
+    def start(self, total: int | None) -> None:
+        self._started = time.perf_counter()
+        if total:
+            self.bar = click.progressbar(length=total, label=self.label, file=sys.stderr, show_pos=True)
+            self.bar.__enter__()
+
+    def update(self, n: int) -> None:
+        self.count += n
+        now = time.perf_counter()
+        rate = self.count / max(now - self._started, 1e-9)
+        if self.bar is not None:
+            self.bar.label = f"{self.label} {rate:5.1f} fps"
+            self.bar.update(n)
+        elif now - self._last > 0.5:
+            self._last = now
+            click.echo(f"\r{self.label}: {self.count} frames, {rate:.1f} fps", err=True, nl=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+        elif self.count:
+            click.echo("", err=True)
+
+
 @click.command("infer")
 @click.argument("model", type=_MODEL)
 @click.argument("more_inputs", nargs=-1, type=click.Path(path_type=Path))
-@click.option("--input", "-i", "inputs", multiple=True, type=click.Path(path_type=Path),
-              help="An image file or a folder of images; repeatable. Paths after MODEL count too (globs work).")
+@click.option("--input", "-i", "inputs", multiple=True,
+              help="An image file, a folder of images, or one video: a file (.mp4, .mkv, ...), an rtsp:// or "
+                   "http:// stream, or a V4L2 camera (/dev/video0). Repeatable for images. Paths after MODEL count "
+                   "too (globs work).")
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Folder for masks/, overlays/ and summary.json.")
+              help="Folder for masks/, overlays/ (overlay.mp4 for a video) and summary.json.")
 @click.option("--backend", type=click.Choice(BACKENDS), default="onnxruntime", show_default=True)
 @click.option("--batch", default=1, show_default=True, type=click.IntRange(min=1),
-              help="Images per inference (images of one size batch together).")
-@click.option("--overlay", is_flag=True, help="Also write the image with the mask tinted over it.")
-@click.option("--max-side", default=1024, show_default=True, type=click.IntRange(min=16, max=4096),
-              help="Larger images are downscaled to this side for the model; masks come back at full size.")
+              help="Frames per inference (every frame runs at the network's input size, so any frames batch).")
+@click.option("--overlay", is_flag=True, help="Also write the frame with the mask tinted over it.")
+@click.option("--overlay-format", type=click.Choice(OVERLAY_FORMATS), default="jpeg", show_default=True,
+              help="Image overlays as JPEG (fast) or PNG (lossless). A video's overlay is always overlay.mp4.")
+@click.option("--max-frames", type=click.IntRange(min=1), help="Video: stop after this many frames.")
+@click.option("--workers", type=click.IntRange(min=1),
+              help="Host threads for decoding and encoding [default: the CPU count, at most 4].")
 @click.option("--max-pixels", default=40_000_000, show_default=True, type=click.IntRange(min=1),
               help="Images with more pixels are refused (checked from the header, before decoding).")
 @_backend_options
-def infer(model, more_inputs, inputs, out, backend, batch, overlay, max_side, max_pixels, providers, threads,
-          precision, cache_dir) -> None:
-    """Segment images with MODEL: palette-PNG masks (and overlays) into OUT.
+def infer(model, more_inputs, inputs, out, backend, batch, overlay, overlay_format, max_frames, workers, max_pixels,
+          providers, threads, precision, cache_dir) -> None:
+    """Segment images or a video with MODEL: palette-PNG masks (and overlays) into OUT.
 
-    A file that cannot be used is reported by name with the reason, the others are still
-    processed, and the exit code is 1 if any failed. OUT/summary.json lists every file.
+    Frames are decoded at the resolution the network needs, run at its input size, and their masks
+    come back at each frame's own size. Decoding, inference and encoding overlap. A file or frame
+    that cannot be used is reported with the reason, the others are still processed, and the exit
+    code is 1 if any failed. OUT/summary.json lists every file (or the video's frame counts) and the
+    per-frame time of each stage (decode, pre, graph, post, encode).
     """
-    from .infer import InferConfig, collect_inputs, run_infer
+    from .infer import InferConfig, run_infer
 
     paths = tuple(str(p) for p in (*inputs, *more_inputs))
     if not paths:
-        raise click.UsageError("give images with --input (files or folders)")
+        raise click.UsageError("give images or a video with --input")
     cfg = InferConfig(model=str(model), inputs=paths, out=str(out), backend=backend, batch=batch, overlay=overlay,
-                      max_side=max_side, max_pixels=max_pixels,
+                      overlay_format=overlay_format, max_frames=max_frames, workers=workers, max_pixels=max_pixels,
                       options=BackendOptions(providers=_providers(providers), threads=threads, precision=precision,
                                              cache_dir=cache_dir)).validate()
-    with click.progressbar(length=len(collect_inputs(cfg.inputs)), label="infer", file=sys.stderr) as bar:
-        summary = run_infer(cfg, progress=bar.update)
-    for record in summary["files"]:
+    bar = FrameProgress()
+    try:
+        summary = run_infer(cfg, progress=bar.update, on_total=bar.start)
+    finally:
+        bar.close()
+    for record in summary.get("files", ()):
         if not record["ok"]:
             click.echo(f"failed: {record['reason']}", err=True)
-    rate = summary["succeeded"] / summary["inference_seconds"] if summary["inference_seconds"] else 0.0
-    click.echo(f"{summary['succeeded']} of {summary['images']} images -> {out / 'masks'} "
-               f"({backend}, {summary['precision']}, {rate:.1f} img/s inference)")
+    for reason in summary.get("reasons", ()):
+        click.echo(f"failed: {reason}", err=True)
+    skipped = summary.get("video", {}).get("failed_to_decode")
+    if skipped:
+        click.echo(f"warning: {skipped} packets of the video could not be decoded and were skipped", err=True)
+    total = summary["succeeded"] + summary["failed"]
+    timing = summary["timing_ms"]
+    stages = ", ".join(f"{k} {v['p50']:.1f}" for k, v in timing.items())
+    click.echo(f"{summary['succeeded']} of {total} {'frames' if summary['input'] == 'video' else 'images'} -> "
+               f"{out / 'masks'} ({backend}, {summary['precision']}, {summary['frames_per_s'] or 0:.1f} frames/s end "
+               f"to end; p50 ms per frame: {stages})")
     if summary["failed"]:
-        raise PromptsegError(f"{summary['failed']} of {summary['images']} inputs failed "
+        raise PromptsegError(f"{summary['failed']} of {total} inputs failed "
                              f"(reasons above and in {out / 'summary.json'})")
 
 

@@ -1,34 +1,46 @@
-"""``promptseg infer``: palette-PNG masks (and overlays) for image files, on any backend.
+"""``promptseg infer``: masks (and overlays) for image files or a video, on any backend, with the
+host work overlapped so the graph sets the pace.
 
-A file that cannot be used (unreadable, truncated, too many pixels, an impossible aspect ratio) is
-reported by name with the reason in ``summary.json`` and the others are still processed; the
-caller turns "some failed" into the exit code. Images run at their native size (the graph resizes
-inside), downscaled to ``max_side`` or upscaled to ``MIN_SIDE`` first; masks come back at the
-original size. Files are decoded a few batches ahead, so memory stays bounded for any count.
+Each frame is decoded at the resolution the network needs (a JPEG at a reduced DCT scale, a video
+frame converted straight to the network's size), resized once, batched through the runner, and its
+labels are brought to the frame's own size by :func:`~.processing.upsample_labels` (the argmax of
+the bilinearly resized logits, interpolated only where labels meet). Masks are palette PNGs;
+overlays are JPEGs (PNG on request) or, for a video, one overlay video with the same frame count.
+
+Three kinds of work run at once, in a bounded pipeline that keeps frame order: decoding (worker
+threads for files, one reader thread for a video), the graph (this thread), and label upsampling +
+encoding (worker threads, written out in order by one sink thread). Queues between them are
+bounded, so memory stays flat for any number of frames. Pillow, numpy, PyAV and the backends
+release the GIL in their C code, so threads give real parallelism.
+
+A file or frame that cannot be used is reported (by name and reason in ``summary.json``) and the
+others are still processed; the caller turns "some failed" into the exit code.
 """
 
 from __future__ import annotations
 
-from collections import Counter
-from collections.abc import Callable, Sequence
+import os
+import queue
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from time import perf_counter
 
 import numpy as np
-from PIL import Image
 
-from ..data.images import load_rgb
-from ..errors import DataError, PromptsegError
-from ..io import atomic_write, write_json_atomic
+from ..errors import PromptsegError
+from ..io import atomic_write, write_bytes_atomic, write_json_atomic
 from .backends import BACKENDS, BackendOptions, open_runner
-from .processing import fit_sides, group_by_size, labels_to_png, overlay, resize_labels, stack_batch
-from .spec import MAX_SIDE, MIN_SIDE
+from .processing import encode_mask_png, overlay_image, stack_batch, upsample_labels
+from .sources import Frame, ImageFiles, VideoSource, collect_inputs, is_video
+from .spec import OVERLAY_FORMATS
+from .video import VideoWriter
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm",
-                            ".pnm"})
 DEFAULT_MAX_PIXELS = 40_000_000  # a 40 MP photo decodes to 120 MB of RGB: the most a Jetson should take
-READ_AHEAD_BATCHES = 8
+STAGES = ("decode", "pre", "graph", "post", "encode")
 
 
 @dataclass(frozen=True)
@@ -39,152 +51,294 @@ class InferConfig:
     backend: str = "onnxruntime"
     batch: int = 1
     overlay: bool = False
-    max_side: int = 1024
+    overlay_format: str = "jpeg"
     max_pixels: int = DEFAULT_MAX_PIXELS
+    max_frames: int | None = None  # video: stop after this many frames
+    workers: int | None = None  # host threads for decoding and encoding; None: the CPU count (at most 4)
     options: BackendOptions = field(default_factory=BackendOptions)
 
     def validate(self) -> InferConfig:
         if not self.inputs:
-            raise PromptsegError("inputs: got none | expected image files or folders")
+            raise PromptsegError("inputs: got none | expected image files, folders or one video")
+        videos = [i for i in self.inputs if is_video(str(i))]
+        if videos and len(self.inputs) > 1:
+            raise PromptsegError(f"inputs: got {len(self.inputs)} inputs with the video {videos[0]} | expected one "
+                                 f"video, stream or camera per run, or image files and folders")
         if self.backend not in BACKENDS:
             raise PromptsegError(f"backend: got {self.backend!r} | expected one of {', '.join(BACKENDS)}")
         if self.batch < 1:
             raise PromptsegError(f"batch: got {self.batch} | expected >= 1")
-        if not MIN_SIDE <= self.max_side <= MAX_SIDE:
-            raise PromptsegError(f"max_side: got {self.max_side} | expected {MIN_SIDE}..{MAX_SIDE}")
+        if self.overlay_format not in OVERLAY_FORMATS:
+            raise PromptsegError(f"overlay_format: got {self.overlay_format!r} | expected one of "
+                                 f"{', '.join(OVERLAY_FORMATS)}")
         if self.max_pixels < 1:
             raise PromptsegError(f"max_pixels: got {self.max_pixels} | expected >= 1")
+        if self.max_frames is not None and self.max_frames < 1:
+            raise PromptsegError(f"max_frames: got {self.max_frames} | expected >= 1")
+        if self.workers is not None and self.workers < 1:
+            raise PromptsegError(f"workers: got {self.workers} | expected >= 1")
         self.options.validate()
         return self
 
+    @property
+    def video_input(self) -> str | None:
+        return str(self.inputs[0]) if is_video(str(self.inputs[0])) else None
 
-def collect_inputs(inputs: Sequence[str]) -> list[Path]:
-    """Files as given (whatever their suffix) and the image files of folders (sorted, not recursive);
-    duplicates dropped. A missing file is kept: it is reported with the others."""
-    files: list[Path] = []
-    for item in inputs:
-        path = Path(item)
-        if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-            if not found:
-                raise PromptsegError(f"{path}: no image files | expected {', '.join(sorted(IMAGE_SUFFIXES))}")
-            files.extend(found)
-        else:
-            files.append(path)
-    return list(dict.fromkeys(files))
+    @property
+    def host_workers(self) -> int:
+        return self.workers or min(4, os.cpu_count() or 1)
 
 
-def output_names(paths: Sequence[Path]) -> list[str]:
-    """One output stem per input: the file's stem, made unique when two inputs share it."""
-    counts = Counter(p.stem for p in paths)
-    names, used = [], set()
-    for path in paths:
-        base = path.stem if counts[path.stem] == 1 else f"{path.stem}_{path.suffix.lstrip('.').lower()}"
-        name, n = base, 1
-        while name in used:
-            n += 1
-            name = f"{base}_{n}"
-        used.add(name)
-        names.append(name)
-    return names
+def timing_summary(per_frame: dict[str, list[float]]) -> dict[str, dict[str, float]]:
+    """p50/p90/mean milliseconds of each host stage over the frames that went through it."""
+    summary = {}
+    for stage, values in per_frame.items():
+        if values:
+            p50, p90 = np.percentile(values, [50, 90])
+            summary[stage] = {"p50": round(float(p50), 3), "p90": round(float(p90), 3),
+                              "mean": round(float(np.mean(values)), 3)}
+    return summary
 
 
-def load_input(path: Path, max_pixels: int) -> np.ndarray:
-    """``H x W x 3`` uint8 RGB, or :class:`DataError` naming the file: the pixel count is checked from
-    the header before decoding, and Pillow's decompression-bomb refusal becomes a reason too."""
+class _Sink:
+    """Takes the futures of finished frames in input order on its own thread: records them, feeds the
+    overlay video, reports progress. The queue bounds how many frames are in flight."""
+
+    def __init__(self, depth: int, handle: Callable[[Frame, dict, object], None]):
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self._handle = handle
+        self._thread = threading.Thread(target=self._run, name="promptseg-infer-sink", daemon=True)
+        self._thread.start()
+
+    def put(self, frame: Frame, result: Future | None) -> None:
+        if self.error is not None:
+            raise self.error
+        self.queue.put((frame, result))
+
+    def _run(self) -> None:
+        while (item := self.queue.get()) is not None:
+            if self.error is not None:
+                continue  # drain after a failure
+            frame, result = item
+            try:
+                record, extra = result.result() if result is not None else ({}, None)
+                self._handle(frame, record, extra)
+            except BaseException as exc:  # re-raised in the main thread
+                self.error = exc
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self._thread.join()
+        if self.error is not None:
+            raise self.error
+
+
+def _ordered(pool: ThreadPoolExecutor, source: ImageFiles, ahead: int) -> Iterator[Frame]:
+    """``source.load(i)`` for every index in order, at most ``ahead`` decoding at once."""
+    pending: deque[Future] = deque()
+    for index in range(len(source)):
+        pending.append(pool.submit(source.load, index))
+        if len(pending) >= ahead:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
+def _read_ahead(frames: Iterator[Frame], depth: int) -> Iterator[Frame]:
+    """A reader thread that runs ``frames`` ahead of the consumer, at most ``depth`` frames."""
+    buffer: queue.Queue = queue.Queue(maxsize=depth)
+    done, failure = object(), []
+    stop = threading.Event()
+
+    def read() -> None:
+        try:
+            for frame in frames:
+                while not stop.is_set():
+                    try:
+                        buffer.put(frame, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+        except BaseException as exc:
+            failure.append(exc)
+        buffer.put(done)
+
+    thread = threading.Thread(target=read, name="promptseg-infer-reader", daemon=True)
+    thread.start()
     try:
-        with Image.open(path) as img:
-            width, height = img.size
-    except Image.DecompressionBombError as exc:
-        raise DataError(f"{path}: refused as a decompression bomb ({exc})") from None
-    except (OSError, ValueError, SyntaxError):
-        width = height = 0  # not readable at all: load_rgb below names the reason
-    if width * height > max_pixels:
-        raise DataError(f"{path}: {width}x{height} (WxH) is {width * height} pixels | expected at most "
-                        f"{max_pixels} (--max-pixels)")
-    return load_rgb(path)
+        while (frame := buffer.get()) is not done:
+            yield frame
+    finally:
+        stop.set()
+        thread.join()
+    if failure:
+        raise failure[0]
 
 
-def _write_png(path: Path, image: Image.Image) -> None:
-    atomic_write(path, lambda p: image.save(p, format="PNG"))
+def _batches(frames: Iterator[Frame], size: int) -> Iterator[list[Frame]]:
+    batch: list[Frame] = []
+    for frame in frames:
+        batch.append(frame)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
-def _prepare(paths: Sequence[Path], chunk: range, cfg: InferConfig,
-             records: list[dict]) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
-    """Decoded originals and model-sized inputs by index; a file that fails gets its reason instead."""
-    originals, inputs = {}, {}
-    for i in chunk:
-        try:
-            original = load_input(paths[i], cfg.max_pixels)
-        except DataError as exc:
-            records[i]["reason"] = str(exc)
-            continue
-        try:
-            inputs[i] = fit_sides(original, MIN_SIDE, cfg.max_side)
-        except PromptsegError as exc:
-            records[i]["reason"] = f"{paths[i]}: {exc}"
-            continue
-        originals[i] = original
-    return originals, inputs
+class _Outputs:
+    """Where a frame's results go: its mask PNG, its overlay (a file, or a frame of the overlay video)."""
+
+    def __init__(self, cfg: InferConfig, meta, video: VideoWriter | None):
+        self.out, self.meta, self.cfg, self.video = Path(cfg.out), meta, cfg, video
+        (self.out / "masks").mkdir(parents=True, exist_ok=True)
+        if cfg.overlay and video is None:
+            (self.out / "overlays").mkdir(parents=True, exist_ok=True)
+
+    def finish(self, frame: Frame, logits: np.ndarray) -> tuple[dict, object]:
+        """Labels at the frame's size, the mask written, the overlay composed (and written, for files)."""
+        tick = perf_counter()
+        width, height = frame.size_wh
+        labels = upsample_labels(logits, (height, width))
+        overlay = overlay_image(frame.full, labels, self.meta.palette) if self.cfg.overlay else None
+        frame.full = None
+        frame.ms["post"] = (perf_counter() - tick) * 1e3
+        tick = perf_counter()
+        mask_path = self.out / "masks" / f"{frame.name}.png"
+        write_bytes_atomic(mask_path, encode_mask_png(labels, self.meta.palette))
+        record = {"mask": str(mask_path), "size_wh": [width, height],
+                  "classes": [self.meta.class_names[c] for c in np.bincount(labels.ravel()).nonzero()[0].tolist()]}
+        if overlay is not None and self.video is None:
+            suffix = "jpg" if self.cfg.overlay_format == "jpeg" else "png"
+            path = self.out / "overlays" / f"{frame.name}.{suffix}"
+            options = {"format": "JPEG", "quality": 90} if suffix == "jpg" else {"format": "PNG", "compress_level": 1}
+            atomic_write(path, lambda tmp: overlay.save(tmp, **options))
+            record["overlay"] = str(path)
+            overlay = None
+        frame.ms["encode"] = (perf_counter() - tick) * 1e3
+        return record, overlay
 
 
-def _write_outputs(out: Path, name: str, original: np.ndarray, model_input: np.ndarray, labels: np.ndarray,
-                   meta, with_overlay: bool) -> dict:
-    """The mask (and overlay) of one image at its original size; returns its summary record."""
-    labels = resize_labels(labels, original.shape[:2])
-    mask_path = out / "masks" / f"{name}.png"
-    _write_png(mask_path, labels_to_png(labels, meta.palette))
-    record = {"ok": True, "mask": str(mask_path), "size_wh": [original.shape[1], original.shape[0]],
-              "model_size_wh": [model_input.shape[1], model_input.shape[0]],
-              "classes": [meta.class_names[c] for c in np.unique(labels).tolist()]}
-    if with_overlay:
-        overlay_path = out / "overlays" / f"{name}.png"
-        _write_png(overlay_path, Image.fromarray(overlay(original, labels, meta.palette)))
-        record["overlay"] = str(overlay_path)
-    return record
+def run_infer(cfg: InferConfig, progress: Callable[[int], None] | None = None,
+              on_total: Callable[[int | None], None] | None = None) -> dict:
+    """Masks into ``out/masks``, overlays into ``out/overlays`` (or ``out/overlay.mp4`` for a video),
+    ``out/summary.json``; returns the summary.
 
-
-def run_infer(cfg: InferConfig, progress: Callable[[int], None] | None = None) -> dict:
-    """Masks into ``out/masks``, overlays into ``out/overlays``, ``out/summary.json``; returns the summary.
-
-    ``summary["failed"]`` counts the files that got no mask, each with its ``reason``.
+    ``summary["failed"]`` counts the files or decoded frames that got no mask (a video's undecodable
+    packets are skipped and counted apart, in ``video.failed_to_decode``); ``timing_ms`` gives each host
+    stage's p50/p90 per frame and ``frames_per_s`` the rate of the whole run. ``on_total`` hears
+    the number of frames to come once the input is open (None for a stream of unknown length);
+    ``progress`` hears every finished frame.
     """
     cfg.validate()
-    paths = collect_inputs(cfg.inputs)
     out = Path(cfg.out)
-    names = output_names(paths)
-    records: list[dict] = [{"file": str(p), "ok": False} for p in paths]
-    options = replace(cfg.options, max_batch=max(cfg.options.max_batch, cfg.batch), max_side=cfg.max_side)
-    started, infer_seconds = perf_counter(), 0.0
+    options = replace(cfg.options, max_batch=max(cfg.options.max_batch, cfg.batch))
+    started = perf_counter()
+    per_frame: dict[str, list[float]] = {stage: [] for stage in STAGES}
+    records: dict[int, dict] = {}
+    failed_reasons: list[str] = []
     with open_runner(cfg.model, cfg.backend, options) as runner:
         meta = runner.metadata
         if meta.kind != "segmenter":
             raise PromptsegError(f"{cfg.model}: a {meta.kind} model | expected a segmenter (logits, labels)")
-        step = cfg.batch * READ_AHEAD_BATCHES
-        for start in range(0, len(paths), step):
-            chunk = range(start, min(start + step, len(paths)))
-            originals, inputs = _prepare(paths, chunk, cfg, records)
-            order = list(inputs)
-            for group in group_by_size([inputs[i].shape[:2] for i in order], cfg.batch):
-                ids = [order[g] for g in group]
+        model_hw = tuple(meta.input_size)
+        video_url = cfg.video_input
+        if video_url:
+            source = VideoSource(video_url, model_hw, cfg.overlay, cfg.max_frames)
+            video = VideoWriter(out / "overlay.mp4", source.fps, source.size_wh) if cfg.overlay else None
+        else:
+            source = ImageFiles(collect_inputs(cfg.inputs), model_hw, cfg.overlay, cfg.max_pixels)
+            video = None
+        outputs = _Outputs(cfg, meta, video)
+        if on_total is not None:
+            on_total(len(source) if source.kind == "images" else source.expected_frames)
+
+        def handle(frame: Frame, record: dict, overlay) -> None:
+            if overlay is not None:
                 tick = perf_counter()
-                try:
-                    outputs = runner.infer({"image": stack_batch([inputs[i] for i in ids])})
-                except PromptsegError as exc:  # this batch fails (named per file); the others still run
-                    for i in ids:
-                        records[i]["reason"] = f"{paths[i]}: {exc}"
-                    continue
-                infer_seconds += perf_counter() - tick
-                for k, i in enumerate(ids):
-                    records[i].update(_write_outputs(out, names[i], originals[i], inputs[i], outputs["labels"][k],
-                                                     meta, cfg.overlay))
+                video.write(overlay)
+                frame.ms["encode"] += (perf_counter() - tick) * 1e3
+            if frame.reason is not None:
+                failed_reasons.append(frame.reason)
+            else:
+                for stage in STAGES:
+                    per_frame[stage].append(frame.ms.get(stage, 0.0))
+            if source.kind == "images":
+                records[frame.index] = {"file": frame.source, "ok": frame.reason is None,
+                                        **({"reason": frame.reason} if frame.reason else {}), **record,
+                                        **({"model_size_wh": [model_hw[1], model_hw[0]],
+                                            "ms": {k: round(v, 3) for k, v in frame.ms.items()}}
+                                           if frame.reason is None else {})}
             if progress is not None:
-                progress(len(chunk))
+                progress(1)
+
+        workers = cfg.host_workers
+        depth = max(2 * cfg.batch, 2 * workers)
+        graph_seconds = 0.0
+        try:
+            with ThreadPoolExecutor(workers, thread_name_prefix="promptseg-infer") as pool:
+                frames = _ordered(pool, source, depth) if source.kind == "images" else \
+                    _read_ahead(source.frames(), depth)
+                sink = _Sink(depth, handle)
+                try:
+                    for batch in _batches(frames, cfg.batch):
+                        ready = [f for f in batch if f.reason is None]
+                        for frame in batch:
+                            if frame.reason is not None:
+                                sink.put(frame, None)
+                        if not ready:
+                            continue
+                        tick = perf_counter()
+                        feed = stack_batch([f.model_input for f in ready])
+                        stacked = perf_counter()
+                        try:
+                            logits = runner.infer({"image": feed})["logits"]
+                        except PromptsegError as exc:  # this batch fails (named per frame); the others still run
+                            for frame in ready:
+                                frame.reason = f"{frame.source}: {exc}"
+                                sink.put(frame, None)
+                            continue
+                        ran = perf_counter()
+                        graph_seconds += ran - stacked
+                        for k, frame in enumerate(ready):
+                            frame.model_input = None
+                            frame.ms["pre"] = frame.ms.get("pre", 0.0) + (stacked - tick) * 1e3 / len(ready)
+                            frame.ms["graph"] = (ran - stacked) * 1e3 / len(ready)
+                            sink.put(frame, pool.submit(outputs.finish, frame, logits[k]))
+                finally:
+                    sink.close()
+        except BaseException:
+            if video is not None:
+                video.abort()
+            raise
+        finally:
+            if video_url:
+                source.close()
+        if video is not None:
+            video.close()
         precision = runner.precision
-    failed = sum(not r["ok"] for r in records)
-    summary = {"model": str(cfg.model), "backend": cfg.backend, "precision": precision, "images": len(paths),
-               "succeeded": len(paths) - failed, "failed": failed,
-               "seconds": round(perf_counter() - started, 4), "inference_seconds": round(infer_seconds, 4),
-               "files": records}
+    seconds = perf_counter() - started
+    succeeded = len(per_frame["graph"])
+    summary = {"model": str(cfg.model), "backend": cfg.backend, "precision": precision, "input": source.kind,
+               "batch": cfg.batch, "workers": workers, "overlay": cfg.overlay,
+               "succeeded": succeeded, "failed": len(failed_reasons), "seconds": round(seconds, 4),
+               "inference_seconds": round(graph_seconds, 4),
+               "frames_per_s": round(succeeded / seconds, 3) if seconds > 0 else None,
+               "timing_ms": timing_summary(per_frame)}
+    if source.kind == "images":
+        summary["images"] = len(source)
+        summary["files"] = [records[i] for i in range(len(source))]
+    else:
+        summary["video"] = {"source": video_url, "fps": source.fps, "size_wh": list(source.size_wh),
+                            "frames": succeeded + len(failed_reasons) + len(source.failed_frames),
+                            # packets FFmpeg could not decode: skipped, counted, not failures of the run
+                            "failed_to_decode": len(source.failed_frames),
+                            "failed_positions": source.failed_frames[:1000],
+                            "overlay": str(out / "overlay.mp4") if video is not None else None,
+                            "per_frame_ms": {k: [round(v, 3) for v in vals] for k, vals in per_frame.items()}}
+        summary["reasons"] = failed_reasons[:1000]
     write_json_atomic(out / "summary.json", summary)
     return summary

@@ -1,8 +1,10 @@
 """Pre- and post-processing in numpy, written once for every backend, the calibrator and the tests.
 
 The graphs take ``N x 3 x H x W float32`` RGB in 0..1 and return outputs at the same ``H x W``
-(see :mod:`promptseg.runtime.spec`), so host work is: decode, scale, stack images of one size,
-and turn label maps into palette PNGs and overlays.
+(see :mod:`promptseg.runtime.spec`). ``infer`` feeds every frame at the network's own input size
+(resized once on the host, so the graph's inner resize is the identity and the outputs are small)
+and brings the labels to the frame's size with :func:`upsample_labels`, which gives the argmax of
+the bilinearly upsampled logits exactly but interpolates only where labels meet.
 """
 
 from __future__ import annotations
@@ -98,3 +100,88 @@ def overlay(image_u8: np.ndarray, labels: np.ndarray, palette: Sequence[Sequence
     blended = image_u8.astype(np.float32) * (1 - alpha) + colours * alpha
     out = np.where((labels > 0)[..., None], blended, image_u8.astype(np.float32))
     return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+
+
+def to_model_size(image: Image.Image, size_hw: tuple[int, int]) -> np.ndarray:
+    """An RGB image resized once (bilinear, antialiased) to the network's ``(H, W)``: ``H x W x 3`` uint8."""
+    if image.size != (size_hw[1], size_hw[0]):
+        image = image.resize((size_hw[1], size_hw[0]), Image.BILINEAR)
+    return np.asarray(image)
+
+
+def _half_pixel_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Source taps and weight of bilinear resizing with half-pixel centres (``align_corners=False``,
+    the graph's ``Resize``): output ``d`` reads ``i0``/``i1`` with weight ``w1`` on ``i1``."""
+    src = np.maximum((np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5, 0.0)
+    i0 = np.minimum(np.floor(src).astype(np.intp), n_in - 1)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    return i0, i1, (src - i0).astype(np.float32)
+
+
+def upsample_labels(logits: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
+    """``C x h x w`` logits -> ``H x W`` uint8 labels: the argmax of the logits resized bilinearly
+    (half-pixel centres) to ``size_hw``, as a graph that resized its logits would give.
+
+    Bilinear interpolation is a convex combination of four neighbours, so where all four share one
+    argmax the interpolated argmax is that label too: those pixels repeat the low-resolution labels,
+    and only the columns of each band of rows that cross cells of different labels are interpolated
+    (rows first, then the band), a few percent of a 1080p frame."""
+    if logits.ndim != 3:
+        raise PromptsegError(f"logits: got shape {logits.shape} | expected (C, h, w)")
+    channels, h, w = logits.shape
+    if channels > 256:
+        raise PromptsegError(f"logits: {channels} classes | expected at most 256 (uint8 labels)")
+    height, width = size_hw
+    low = logits.argmax(0).astype(np.uint8)
+    y0, _, wy = _half_pixel_taps(h, height)
+    x0, x1, wx = _half_pixel_taps(w, width)
+    next_col, next_row = np.minimum(np.arange(w) + 1, w - 1), np.minimum(np.arange(h) + 1, h - 1)
+    right, down = low[:, next_col], low[next_row]
+    mixed_cells = (low != right) | (low != down) | (low != down[:, next_col])
+    labels = np.repeat(np.repeat(low, np.bincount(y0, minlength=h), 0), np.bincount(x0, minlength=w), 1)
+    rows = np.flatnonzero(mixed_cells.any(1))
+    band_start = np.searchsorted(y0, np.arange(h + 1))  # output rows [band_start[r], band_start[r+1]) read row r
+    for r in rows:
+        top, bottom = band_start[r], band_start[r + 1]
+        cols = np.flatnonzero(mixed_cells[r, x0])
+        if top == bottom or cols.size == 0:
+            continue
+        pair = logits[:, (r, next_row[r])]  # C x 2 x w: the band's two source rows, resized along x
+        left, right_tap = pair[:, :, x0[cols]], pair[:, :, x1[cols]]
+        across = left + (right_tap - left) * wx[cols]
+        upper, lower = across[:, 0], across[:, 1]
+        band = upper[:, None] + (lower - upper)[:, None] * wy[top:bottom, None]  # C x rows x cols
+        labels[top:bottom, cols] = _argmax_first_axis(band)
+    return labels
+
+
+def _argmax_first_axis(values: np.ndarray) -> np.ndarray:
+    """``argmax(0)`` as a running maximum over the (few) classes: numpy's argmax along a leading axis
+    copies the array first; ties keep the first class, as argmax does."""
+    best, index = values[0].copy(), np.zeros(values.shape[1:], np.uint8)
+    for c in range(1, len(values)):
+        higher = values[c] > best
+        np.copyto(best, values[c], where=higher)
+        index[higher] = c
+    return index
+
+
+def encode_mask_png(labels: np.ndarray, palette: Sequence[Sequence[int]]) -> bytes:
+    """A palette PNG of ``labels``, written fast: 4-bit when the palette fits, zlib's run-length
+    strategy (label maps are long runs), lossless like any PNG."""
+    import io
+
+    image = labels_to_png(labels, palette)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", bits=4 if len(palette) <= 16 else 8, compress_type=3, compress_level=1)
+    return buffer.getvalue()
+
+
+def overlay_image(image: Image.Image, labels: np.ndarray, palette: Sequence[Sequence[int]],
+                  alpha: float = 0.5) -> Image.Image:
+    """:func:`overlay` done by Pillow's C code (colour from the palette, one masked blend): the RGB
+    frame with non-background labels tinted by their colour."""
+    colours = labels_to_png(labels, palette).convert("RGB")
+    weight = round(255 * alpha)
+    mask = Image.fromarray(labels.astype(np.uint8), mode="L").point([0] + [weight] * 255)
+    return Image.composite(colours, image, mask)

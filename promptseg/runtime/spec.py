@@ -22,6 +22,7 @@ DYNAMIC_DIMS = ("batch", "height", "width")
 # runtime upscales smaller images and downscales larger ones into it, then resizes the labels back.
 MIN_SIDE = 16
 MAX_SIDE = 4096
+OVERLAY_FORMATS = ("jpeg", "png")  # how `infer` writes image overlays
 
 
 @dataclass(frozen=True)

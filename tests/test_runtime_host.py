@@ -1,0 +1,119 @@
+"""The host side of ``infer``: labels brought to the frame's size exactly as a graph that resized its
+logits would give them, fast mask PNGs that read back the same, overlays, reduced JPEG decoding."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from promptseg.data.images import load_rgb, load_rgb_reduced
+from promptseg.errors import PromptsegError
+from promptseg.runtime.processing import encode_mask_png, overlay, overlay_image, to_model_size, upsample_labels
+
+PALETTE = [(0, 0, 0), (128, 0, 0), (0, 128, 0), (128, 128, 0), (0, 0, 128), (128, 0, 128)]
+
+
+def _smooth_logits(classes: int, size_hw: tuple[int, int], seed: int) -> np.ndarray:
+    """Logits as a segmenter gives them: coarse maps bilinearly upsampled (so labels form regions)."""
+    rng = np.random.default_rng(seed)
+    coarse = torch.from_numpy(rng.normal(0, 3, (1, classes, 6, 7)).astype(np.float32))
+    return F.interpolate(coarse, size=size_hw, mode="bilinear", align_corners=False)[0].numpy()
+
+
+def _reference_labels(logits: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
+    """What the exported graph computes when it resizes its logits: torch's bilinear, then argmax."""
+    resized = F.interpolate(torch.from_numpy(logits)[None], size=size_hw, mode="bilinear", align_corners=False)
+    return resized[0].argmax(0).numpy()
+
+
+@pytest.mark.parametrize(("classes", "low_hw", "out_hw"), [
+    (6, (64, 64), (1080, 1920)),  # a 64 px network, a 1080p frame
+    (3, (32, 32), (61, 97)),  # odd sizes, different scales along the two axes
+    (21, (64, 64), (375, 500)),  # VOC's class count
+    (4, (32, 32), (20, 13)),  # a frame smaller than the network
+    (2, (8, 8), (8, 8)),  # identity
+])
+def test_upsampled_labels_are_the_argmax_of_the_bilinearly_resized_logits(classes, low_hw, out_hw):
+    logits = _smooth_logits(classes, low_hw, seed=classes)
+    got = upsample_labels(logits, out_hw)
+    want = _reference_labels(logits, out_hw)
+    assert got.shape == out_hw and got.dtype == np.uint8
+    assert (got == want).mean() >= 0.99999  # float rounding may flip an exact tie, nothing else
+    assert len(np.unique(want)) > 1  # the case has boundaries to get right
+
+
+def test_upsampling_interpolates_between_regions_not_blocks():
+    """Nearest-neighbour upsampling of the low-resolution labels would put the boundary on the cell
+    edge; the bilinear argmax puts it where the two logits cross."""
+    logits = np.zeros((2, 1, 2), np.float32)
+    logits[1, 0] = [-1.0, 3.0]  # class 1 wins the right cell; the crossing is 1/4 of the way from the left centre
+    labels = upsample_labels(logits, (1, 16))[0]
+    np.testing.assert_array_equal(labels, _reference_labels(logits, (1, 16))[0])
+    assert labels.tolist() == [0] * 6 + [1] * 10  # nearest would give 8 + 8
+
+
+def test_upsample_refuses_bad_logits():
+    with pytest.raises(PromptsegError, match=r"logits: got shape \(4, 4\) \| expected \(C, h, w\)"):
+        upsample_labels(np.zeros((4, 4), np.float32), (8, 8))
+
+
+@pytest.mark.parametrize("colours", [6, 21])  # 4-bit and 8-bit palettes
+def test_mask_png_reads_back_the_same_labels_and_palette(colours):
+    palette = [(i, 255 - i, (7 * i) % 256) for i in range(colours)]
+    labels = upsample_labels(_smooth_logits(colours, (16, 16), seed=1), (90, 160))
+    image = Image.open(io.BytesIO(encode_mask_png(labels, palette)))
+    assert image.format == "PNG" and image.mode == "P"
+    np.testing.assert_array_equal(np.asarray(image), labels)
+    assert image.getpalette()[: 3 * colours] == [c for rgb in palette for c in rgb]
+
+
+def test_overlay_image_is_the_numpy_overlay_within_rounding():
+    rng = np.random.default_rng(0)
+    frame = rng.integers(0, 256, (45, 80, 3), dtype=np.uint8)
+    labels = upsample_labels(_smooth_logits(6, (8, 8), seed=2), (45, 80))
+    got = np.asarray(overlay_image(Image.fromarray(frame), labels, PALETTE)).astype(int)
+    want = overlay(frame, labels, PALETTE).astype(int)
+    assert np.abs(got - want).max() <= 1
+    np.testing.assert_array_equal(got[labels == 0], frame[labels == 0])  # background untouched
+    assert np.abs(got[labels > 0] - frame[labels > 0]).mean() > 10  # foreground tinted
+
+
+def test_model_input_is_one_resize_to_the_networks_size():
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (1080, 1920, 3), dtype=np.uint8))
+    assert to_model_size(image, (64, 48)).shape == (64, 48, 3)
+    same = Image.new("RGB", (48, 64), (1, 2, 3))
+    np.testing.assert_array_equal(to_model_size(same, (64, 48)), np.asarray(same))
+
+
+def _gradient(height: int, width: int) -> np.ndarray:
+    y, x = np.mgrid[:height, :width]
+    return np.stack([x * 255 // width, y * 255 // height, (x + y) * 127 // (width + height)], -1).astype(np.uint8)
+
+
+def test_jpegs_decode_reduced_to_what_the_consumer_needs(tmp_path):
+    Image.fromarray(_gradient(1080, 1920)).save(tmp_path / "frame.jpg", quality=95)
+    reduced, full = load_rgb_reduced(tmp_path / "frame.jpg", (64, 64))
+    assert full == (1920, 1080) and reduced.shape == (135, 240, 3)  # 1/8: the largest that keeps >= 64
+    whole = load_rgb(tmp_path / "frame.jpg")
+    small = np.asarray(Image.fromarray(whole).resize((240, 135), Image.BILINEAR)).astype(int)
+    assert np.abs(reduced.astype(int) - small).mean() < 3  # the same picture, decoded smaller
+    assert load_rgb_reduced(tmp_path / "frame.jpg", (1000, 600))[0].shape == (1080, 1920, 3)  # no 1/2 keeps 1000
+    Image.fromarray(_gradient(120, 200)).save(tmp_path / "frame.png")
+    assert load_rgb_reduced(tmp_path / "frame.png", (16, 16))[0].shape == (120, 200, 3)  # PNG: no DCT scaling
+
+
+def test_reduced_decoding_keeps_the_exif_orientation(tmp_path):
+    stored = _gradient(400, 800)  # stored landscape, shown portrait (orientation 6: rotate 90 clockwise)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(stored).save(tmp_path / "phone.jpg", quality=95, exif=exif)
+    reduced, full = load_rgb_reduced(tmp_path / "phone.jpg", (50, 100))
+    # displayed W x H = 400 x 800: 1/8 keeps 50 x 100 (a request read in the stored orientation would stop at 1/4)
+    assert full == (400, 800) and reduced.shape == (100, 50, 3)
+    upright = np.asarray(Image.fromarray(stored).transpose(Image.Transpose.ROTATE_270).resize((50, 100)))
+    assert np.abs(reduced.astype(int) - upright.astype(int)).mean() < 4
