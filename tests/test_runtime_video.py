@@ -162,3 +162,19 @@ def test_without_pyav_video_input_says_how_to_get_it(model, tmp_path, monkeypatc
     monkeypatch.setattr(builtins, "__import__", no_av)
     with pytest.raises(PromptsegError, match=r"video input needs PyAV: pip install 'promptseg\[video\]'"):
         run_infer(InferConfig(model=str(model), inputs=(str(clip),), out=str(tmp_path)))
+
+
+def test_bench_end_to_end_reports_each_stage_per_frame_for_a_video(model, clip, tmp_path):
+    out = tmp_path / "framerate.json"
+    result = CliRunner().invoke(main, ["bench", str(model), "--input", str(clip), "--batch", "1", "--batch", "4",
+                                       "--max-frames", "20", "--overlay", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(out.read_text())
+    assert [(r["kind"], r["batch"], r["frames"], r["overlay"]) for r in rows] == [("video", 1, 20, True),
+                                                                                   ("video", 4, 20, True)]
+    for row in rows:
+        assert set(row["timing_ms"]) == {"decode", "pre", "graph", "post", "encode"}
+        assert row["ms_per_frame"] == pytest.approx(1e3 / row["frames_per_s"])
+        assert row["end_to_end_over_graph"] == pytest.approx(row["ms_per_frame"] / row["graph_only_ms_per_frame"])
+        assert 0 < row["peak_rss_mb"] < 1000
+    assert "| video | onnxruntime | 4 | yes |" in result.output

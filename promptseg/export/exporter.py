@@ -70,7 +70,9 @@ def parity_batches(data: str, split: str, limit: int, batch: int = 16) -> list[l
     return [[images[i] for i in group] for group in group_by_size([im.shape[:2] for im in images], batch)]
 
 
-def _metadata(kind: str, class_names, input_size: int, method: str, text_sha: str, extra: dict) -> ModelMetadata:
+def model_metadata(kind: str, class_names, input_size: int, method: str, text_sha: str = "",
+                   extra: dict | None = None) -> ModelMetadata:
+    """The metadata an exported graph carries (VOC palette colours, ImageNet normalisation, square input)."""
     from ..train.cams import IMAGENET_MEAN, IMAGENET_STD
 
     palette = voc_palette(256)
@@ -78,7 +80,7 @@ def _metadata(kind: str, class_names, input_size: int, method: str, text_sha: st
     colours = tuple(tuple(int(c) for c in palette[i + offset]) for i in range(len(class_names)))
     return ModelMetadata(kind=kind, class_names=tuple(class_names), palette=colours, mean=IMAGENET_MEAN,
                          std=IMAGENET_STD, input_size=(input_size, input_size), method=method,
-                         promptseg_version=__version__, text_features_sha256=text_sha, extra=extra)
+                         promptseg_version=__version__, text_features_sha256=text_sha, extra=extra or {})
 
 
 def export_run(cfg: ExportConfig) -> dict:
@@ -117,8 +119,8 @@ def export_run(cfg: ExportConfig) -> dict:
     report: dict = {"method": cfg.method, "opset": OPSET, "files": {}}
     failures = []
     for kind, (module, spec, class_names, input_size) in graphs.items():
-        meta = _metadata(kind, class_names, input_size, cfg.method, text_sha,
-                         {"source_run": str(seg_run if kind == "segmenter" else cam_run)})
+        meta = model_metadata(kind, class_names, input_size, cfg.method, text_sha,
+                              {"source_run": str(seg_run if kind == "segmenter" else cam_run)})
         path = out / spec.filename
         model = export_onnx(module, spec, meta, example, path)
         entry = {"ops": sorted({n.op_type for n in model.graph.node}), "checker": "onnx.checker full_check passed"}

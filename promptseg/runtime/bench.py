@@ -89,10 +89,11 @@ def _stats(ms: Sequence[float]) -> dict[str, float]:
             "p90_ms": float(p90), "p99_ms": float(p99), "max_ms": float(values.max())}
 
 
-def measure(runner, batch: int, warmup: int, iters: int) -> dict:
-    """Latency figures of an active runner on ``batch`` random images at its metadata's input size."""
+def measure(runner, batch: int, warmup: int, iters: int, size_hw: tuple[int, int] | None = None) -> dict:
+    """Latency figures of an active runner on ``batch`` random images at ``size_hw`` (None: its
+    metadata's input size)."""
     meta = runner.metadata
-    h, w = meta.input_size
+    h, w = size_hw or meta.input_size
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for _ in range(batch)]
     tick = perf_counter()

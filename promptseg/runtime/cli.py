@@ -145,18 +145,42 @@ def infer(model, more_inputs, inputs, out, backend, batch, overlay, overlay_form
               help="Repeatable.")
 @click.option("--warmup", default=10, show_default=True, type=click.IntRange(min=0))
 @click.option("--iters", default=100, show_default=True, type=click.IntRange(min=1))
+@click.option("--input", "-i", "inputs", multiple=True,
+              help="End to end: run infer on this image folder or video (decode, pre, graph, post, encode per "
+                   "frame at the source's resolution) instead of timing the graph on random inputs.")
+@click.option("--overlay", is_flag=True, help="End to end: write overlays too.")
+@click.option("--workers", type=click.IntRange(min=1), help="End to end: infer's host threads.")
+@click.option("--max-frames", type=click.IntRange(min=1), help="End to end: frames of a video to use.")
 @click.option("--out", "-o", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="JSON file of rows; the plot goes beside it as .png.")
+              help="JSON file of rows; the plot goes beside it as .png (graph rows).")
 @_backend_options
-def bench(models, backends, batches, warmup, iters, out, providers, threads, precision, cache_dir) -> None:
+def bench(models, backends, batches, warmup, iters, inputs, overlay, workers, max_frames, out, providers, threads,
+          precision, cache_dir) -> None:
     """Latency (min/p50/p90/p99/max), throughput, host pre/post time, cold start and peak RSS of
-    each MODEL x backend x batch, each measured in a fresh subprocess."""
-    from .bench import BenchConfig, format_table, run_bench, write_results
+    each MODEL x backend x batch, each measured in a fresh subprocess.
 
+    With --input: frames per second end to end on real frames, each host stage's p50/p90 per frame,
+    the graph's own time at the network's input size and peak RSS, per MODEL x backend x batch.
+    """
+    from ..io import write_json_atomic
+    from .bench import BenchConfig, format_table, run_bench, write_results
+    from .framerate import FramerateConfig, format_framerate_table, run_framerate
+
+    options = BackendOptions(providers=_providers(providers), threads=threads, precision=precision,
+                             cache_dir=cache_dir)
+    if inputs:
+        configs = [FramerateConfig(model=str(m), inputs=tuple(inputs), backends=tuple(backends),
+                                   batches=tuple(batches), overlay=overlay, workers=workers, max_frames=max_frames,
+                                   options=options).validate() for m in models]
+        with click.progressbar(length=len(models) * len(backends) * len(batches), label="bench",
+                               file=sys.stderr) as bar:
+            rows = [row for cfg in configs for row in run_framerate(cfg, progress=bar.update)]
+        click.echo(format_framerate_table(rows))
+        write_json_atomic(out, rows)
+        click.echo(f"wrote {out}")
+        return
     cfg = BenchConfig(models=tuple(str(m) for m in models), backends=tuple(backends), batches=tuple(batches),
-                      warmup=warmup, iters=iters,
-                      options=BackendOptions(providers=_providers(providers), threads=threads, precision=precision,
-                                             cache_dir=cache_dir)).validate()
+                      warmup=warmup, iters=iters, options=options).validate()
     with click.progressbar(length=len(models) * len(backends) * len(batches), label="bench", file=sys.stderr) as bar:
         rows = run_bench(cfg, progress=bar.update)
     click.echo(format_table(rows))

@@ -236,7 +236,6 @@ def run_infer(cfg: InferConfig, progress: Callable[[int], None] | None = None,
     cfg.validate()
     out = Path(cfg.out)
     options = replace(cfg.options, max_batch=max(cfg.options.max_batch, cfg.batch))
-    started = perf_counter()
     per_frame: dict[str, list[float]] = {stage: [] for stage in STAGES}
     records: dict[int, dict] = {}
     failed_reasons: list[str] = []
@@ -253,6 +252,7 @@ def run_infer(cfg: InferConfig, progress: Callable[[int], None] | None = None,
             source = ImageFiles(collect_inputs(cfg.inputs), model_hw, cfg.overlay, cfg.max_pixels)
             video = None
         outputs = _Outputs(cfg, meta, video)
+        started = perf_counter()  # frames/s of the frames, not of loading the model
         if on_total is not None:
             on_total(len(source) if source.kind == "images" else source.expected_frames)
 
@@ -276,7 +276,7 @@ def run_infer(cfg: InferConfig, progress: Callable[[int], None] | None = None,
                 progress(1)
 
         workers = cfg.host_workers
-        depth = max(2 * cfg.batch, 2 * workers)
+        depth = cfg.batch + workers  # frames decoded ahead, and frames between the graph and the sink
         graph_seconds = 0.0
         try:
             with ThreadPoolExecutor(workers, thread_name_prefix="promptseg-infer") as pool:

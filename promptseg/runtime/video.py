@@ -38,7 +38,8 @@ class VideoWriter:
         self._stream.width, self._stream.height = self.size_wh
         self._stream.pix_fmt = "yuv420p"
         if codec == "libx264":
-            self._stream.options = {"preset": "veryfast", "crf": "23"}
+            # no lookahead or B-frames: frames leave as they come, and x264 holds no queue of 1080p frames
+            self._stream.options = {"preset": "veryfast", "crf": "23", "tune": "zerolatency"}
         self._frame_type = av.VideoFrame
 
     def write(self, image: Image.Image) -> None:
