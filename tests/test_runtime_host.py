@@ -13,7 +13,14 @@ from PIL import Image
 
 from promptseg.data.images import load_rgb, load_rgb_reduced
 from promptseg.errors import PromptsegError
-from promptseg.runtime.processing import encode_mask_png, overlay, overlay_image, to_model_size, upsample_labels
+from promptseg.runtime.processing import (
+    encode_mask_png,
+    overlay,
+    tint_in_place,
+    tint_yuv420_in_place,
+    to_model_size,
+    upsample_labels,
+)
 
 PALETTE = [(0, 0, 0), (128, 0, 0), (0, 128, 0), (128, 128, 0), (0, 0, 128), (128, 0, 128)]
 
@@ -72,15 +79,34 @@ def test_mask_png_reads_back_the_same_labels_and_palette(colours):
     assert image.getpalette()[: 3 * colours] == [c for rgb in palette for c in rgb]
 
 
-def test_overlay_image_is_the_numpy_overlay_within_rounding():
+def test_the_tinted_frame_is_the_numpy_overlay_within_rounding():
     rng = np.random.default_rng(0)
     frame = rng.integers(0, 256, (45, 80, 3), dtype=np.uint8)
     labels = upsample_labels(_smooth_logits(6, (8, 8), seed=2), (45, 80))
-    got = np.asarray(overlay_image(Image.fromarray(frame), labels, PALETTE)).astype(int)
+    labels[:, :3] = 0  # background at the edge: the blended box is smaller than the frame
+    got = np.asarray(tint_in_place(Image.fromarray(frame), labels, PALETTE)).astype(int)
     want = overlay(frame, labels, PALETTE).astype(int)
     assert np.abs(got - want).max() <= 1
     np.testing.assert_array_equal(got[labels == 0], frame[labels == 0])  # background untouched
     assert np.abs(got[labels > 0] - frame[labels > 0]).mean() > 10  # foreground tinted
+
+
+def test_yuv_tint_is_the_rgb_overlay_seen_through_the_video_colour_matrix():
+    """Tinting the decoded planes equals tinting in RGB, up to YUV rounding (the blend is linear)."""
+    av = pytest.importorskip("av")
+    rng = np.random.default_rng(1)
+    rgb = np.repeat(np.repeat(rng.integers(30, 220, (8, 12, 3), dtype=np.uint8), 8, 0), 8, 1)  # 64 x 96, flat 8x8
+    labels = np.zeros((64, 96), np.uint8)
+    labels[16:48, 8:56], labels[8:24, 64:88] = 2, 5  # even-aligned regions: chroma blocks are not split
+    planes = av.VideoFrame.from_ndarray(rgb, format="rgb24").to_ndarray(format="yuv420p")
+    tinted = tint_yuv420_in_place(planes.copy(), labels, PALETTE)
+    seen = av.VideoFrame.from_ndarray(tinted, format="yuv420p").to_ndarray(format="rgb24").astype(int)
+    untouched = av.VideoFrame.from_ndarray(planes, format="yuv420p").to_ndarray(format="rgb24").astype(int)
+    want = overlay(untouched.astype(np.uint8), labels, PALETTE).astype(int)
+    assert np.abs(seen - want).max() <= 4
+    np.testing.assert_array_equal(seen[labels == 0], untouched[labels == 0])
+    with pytest.raises(PromptsegError, match=r"yuv420p planes: got \(64, 96\) for labels \(64, 96\)"):
+        tint_yuv420_in_place(np.zeros((64, 96), np.uint8), labels, PALETTE)
 
 
 def test_model_input_is_one_resize_to_the_networks_size():
@@ -98,13 +124,14 @@ def _gradient(height: int, width: int) -> np.ndarray:
 def test_jpegs_decode_reduced_to_what_the_consumer_needs(tmp_path):
     Image.fromarray(_gradient(1080, 1920)).save(tmp_path / "frame.jpg", quality=95)
     reduced, full = load_rgb_reduced(tmp_path / "frame.jpg", (64, 64))
+    reduced = np.asarray(reduced)
     assert full == (1920, 1080) and reduced.shape == (135, 240, 3)  # 1/8: the largest that keeps >= 64
     whole = load_rgb(tmp_path / "frame.jpg")
     small = np.asarray(Image.fromarray(whole).resize((240, 135), Image.BILINEAR)).astype(int)
     assert np.abs(reduced.astype(int) - small).mean() < 3  # the same picture, decoded smaller
-    assert load_rgb_reduced(tmp_path / "frame.jpg", (1000, 600))[0].shape == (1080, 1920, 3)  # no 1/2 keeps 1000
+    assert load_rgb_reduced(tmp_path / "frame.jpg", (1000, 600))[0].size == (1920, 1080)  # no 1/2 keeps 1000
     Image.fromarray(_gradient(120, 200)).save(tmp_path / "frame.png")
-    assert load_rgb_reduced(tmp_path / "frame.png", (16, 16))[0].shape == (120, 200, 3)  # PNG: no DCT scaling
+    assert load_rgb_reduced(tmp_path / "frame.png", (16, 16))[0].size == (200, 120)  # PNG: no DCT scaling
 
 
 def test_reduced_decoding_keeps_the_exif_orientation(tmp_path):
@@ -113,6 +140,7 @@ def test_reduced_decoding_keeps_the_exif_orientation(tmp_path):
     exif[0x0112] = 6
     Image.fromarray(stored).save(tmp_path / "phone.jpg", quality=95, exif=exif)
     reduced, full = load_rgb_reduced(tmp_path / "phone.jpg", (50, 100))
+    reduced = np.asarray(reduced)
     # displayed W x H = 400 x 800: 1/8 keeps 50 x 100 (a request read in the stored orientation would stop at 1/4)
     assert full == (400, 800) and reduced.shape == (100, 50, 3)
     upright = np.asarray(Image.fromarray(stored).transpose(Image.Transpose.ROTATE_270).resize((50, 100)))

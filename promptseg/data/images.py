@@ -48,18 +48,18 @@ def load_rgb(path: str | os.PathLike, *, exif: bool = True) -> np.ndarray:
     images (values must lie in 0..1); transparent pixels (alpha channel or a ``tRNS`` colour) become
     :data:`BACKGROUND`. ``exif=False`` keeps the stored orientation.
     """
-    return _load(Path(path), exif, None)[0]
+    return np.asarray(_load(Path(path), exif, None)[0])
 
 
-def load_rgb_reduced(path: str | os.PathLike, at_least_wh: tuple[int, int]) -> tuple[np.ndarray, tuple[int, int]]:
-    """:func:`load_rgb` for a consumer that needs only ``at_least_wh`` (displayed ``W, H``) pixels: a
-    JPEG decodes at the largest DCT reduction (1/2, 1/4, 1/8) that keeps both sides at least that big
-    (Pillow's draft mode: a 1080p frame for a 64 px network decodes 64x fewer pixels); other formats
-    decode whole. Returns the RGB array and the full displayed ``(W, H)``."""
+def load_rgb_reduced(path: str | os.PathLike, at_least_wh: tuple[int, int]) -> tuple[Image.Image, tuple[int, int]]:
+    """:func:`load_rgb` as an RGB Pillow image, for a consumer that needs only ``at_least_wh``
+    (displayed ``W, H``) pixels: a JPEG decodes at the largest DCT reduction (1/2, 1/4, 1/8) that keeps
+    both sides at least that big (Pillow's draft mode: a 1080p frame for a 64 px network decodes 64x
+    fewer pixels); other formats decode whole. Returns the image and the full displayed ``(W, H)``."""
     return _load(Path(path), True, at_least_wh)
 
 
-def _load(path: Path, exif: bool, draft_wh: tuple[int, int] | None) -> tuple[np.ndarray, tuple[int, int]]:
+def _load(path: Path, exif: bool, draft_wh: tuple[int, int] | None) -> tuple[Image.Image, tuple[int, int]]:
     with _open_image(path, "unreadable image") as img:
         rotated = exif and exif_orientation(img) != 1
         sideways = exif and exif_orientation(img) >= 5
@@ -69,7 +69,9 @@ def _load(path: Path, exif: bool, draft_wh: tuple[int, int] | None) -> tuple[np.
         img.load()
         if rotated:
             img = ImageOps.exif_transpose(img)
-        return _to_rgb(img, path), full
+        if img.mode == "RGB" and not _has_transparency(img):
+            return img, full  # the common case: no conversion, no copy
+        return Image.fromarray(_to_rgb(img, path)), full
 
 
 @contextmanager

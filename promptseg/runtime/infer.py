@@ -34,7 +34,7 @@ import numpy as np
 from ..errors import PromptsegError
 from ..io import atomic_write, write_bytes_atomic, write_json_atomic
 from .backends import BACKENDS, BackendOptions, open_runner
-from .processing import encode_mask_png, overlay_image, stack_batch, upsample_labels
+from .processing import encode_mask_png, stack_batch, tint_in_place, tint_yuv420_in_place, upsample_labels
 from .sources import Frame, ImageFiles, VideoSource, collect_inputs, is_video
 from .spec import OVERLAY_FORMATS
 from .video import VideoWriter
@@ -203,7 +203,10 @@ class _Outputs:
         tick = perf_counter()
         width, height = frame.size_wh
         labels = upsample_labels(logits, (height, width))
-        overlay = overlay_image(frame.full, labels, self.meta.palette) if self.cfg.overlay else None
+        overlay = None
+        if self.cfg.overlay:  # a video frame comes as its yuv420p planes, an image as RGB
+            tint = tint_yuv420_in_place if isinstance(frame.full, np.ndarray) else tint_in_place
+            overlay = tint(frame.full, labels, self.meta.palette)
         frame.full = None
         frame.ms["post"] = (perf_counter() - tick) * 1e3
         tick = perf_counter()

@@ -177,11 +177,60 @@ def encode_mask_png(labels: np.ndarray, palette: Sequence[Sequence[int]]) -> byt
     return buffer.getvalue()
 
 
-def overlay_image(image: Image.Image, labels: np.ndarray, palette: Sequence[Sequence[int]],
+def _foreground_box(labels: np.ndarray) -> tuple[int, int, int, int] | None:
+    """``(x0, y0, x1, y1)`` bounding the non-background labels, or None when there are none."""
+    rows, cols = np.flatnonzero(labels.any(1)), np.flatnonzero(labels.any(0))
+    if rows.size == 0:
+        return None
+    return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
+
+
+def tint_in_place(image: Image.Image, labels: np.ndarray, palette: Sequence[Sequence[int]],
                   alpha: float = 0.5) -> Image.Image:
-    """:func:`overlay` done by Pillow's C code (colour from the palette, one masked blend): the RGB
-    frame with non-background labels tinted by their colour."""
-    colours = labels_to_png(labels, palette).convert("RGB")
-    weight = round(255 * alpha)
-    mask = Image.fromarray(labels.astype(np.uint8), mode="L").point([0] + [weight] * 255)
-    return Image.composite(colours, image, mask)
+    """:func:`overlay` by Pillow's C code, on the frame itself (returned): non-background labels tinted
+    by their palette colour. Only the box around the foreground is blended."""
+    box = _foreground_box(labels)
+    if box is None:
+        return image
+    x0, y0, x1, y1 = box
+    inside = labels[y0:y1, x0:x1]
+    colours = labels_to_png(inside, palette).convert("RGB")
+    mask = Image.fromarray(inside.astype(np.uint8), mode="L").point([0] + [round(255 * alpha)] * 255)
+    image.paste(Image.composite(colours, image.crop(box), mask), box)
+    return image
+
+
+def _bt601(palette: Sequence[Sequence[int]]) -> np.ndarray:
+    """Palette colours as limited-range BT.601 ``Y, Cb, Cr`` (what FFmpeg assumes for untagged video)."""
+    rgb = np.asarray(palette, dtype=np.float64)
+    matrix = np.array([[65.481, 128.553, 24.966], [-37.797, -74.203, 112.0], [112.0, -93.786, -18.214]]) / 255
+    return np.clip(np.rint(rgb @ matrix.T + [16, 128, 128]), 0, 255).astype(np.uint16)
+
+
+def tint_yuv420_in_place(planes: np.ndarray, labels: np.ndarray, palette: Sequence[Sequence[int]],
+                         alpha: float = 0.5) -> np.ndarray:
+    """The overlay tint applied to a video frame in its own ``yuv420p`` planes (PyAV's ``H*3/2 x W``
+    layout): the blend is linear, so it holds in YUV as in RGB, and the frame never goes through RGB.
+    Chroma takes the label of the top-left pixel of each 2x2 block. Even ``H`` and ``W`` only."""
+    height, width = labels.shape
+    if height % 2 or width % 2 or planes.shape != (height * 3 // 2, width):
+        raise PromptsegError(f"yuv420p planes: got {planes.shape} for labels {labels.shape} | expected "
+                             f"({height * 3 // 2}, {width}) with even sides")
+    box = _foreground_box(labels)
+    if box is None:
+        return planes
+    colours, weight = _bt601(palette), round(256 * alpha)
+    quarter = height * width // 4
+    chroma = planes[height:].reshape(-1)
+    views = [(planes[:height], labels, colours[:, 0])]
+    for k in (1, 2):
+        views.append((chroma[(k - 1) * quarter: k * quarter].reshape(height // 2, width // 2), labels[::2, ::2],
+                      colours[:, k]))
+    for plane, plane_labels, lut in views:
+        scale = plane.shape[0] / height
+        x0, y0 = int(box[0] * scale), int(box[1] * scale)
+        x1, y1 = -(-box[2] * plane.shape[1] // width), -(-box[3] * plane.shape[0] // height)
+        region, inside = plane[y0:y1, x0:x1], plane_labels[y0:y1, x0:x1]
+        tinted = (region.astype(np.uint16) * (256 - weight) + lut[inside] * weight + 128) >> 8
+        np.copyto(region, tinted.astype(np.uint8), where=inside > 0)
+    return planes

@@ -32,8 +32,9 @@ _CAMERA = re.compile(r"^/dev/video\d+$")
 class Frame:
     """One input frame on its way through ``infer``.
 
-    ``model_input``: ``h x w x 3`` uint8 at the network's input size; ``full``: the full-size RGB
-    frame (kept only for overlays); ``size_wh``: the displayed size the mask is written at;
+    ``model_input``: ``h x w x 3`` uint8 at the network's input size; ``full``: the full-size frame,
+    kept only for overlays (an RGB image, or a video frame's ``yuv420p`` planes); ``size_wh``: the
+    displayed size the mask is written at;
     ``ms``: milliseconds per host stage, filled as the frame moves on."""
 
     index: int
@@ -41,7 +42,7 @@ class Frame:
     source: str
     size_wh: tuple[int, int] = (0, 0)
     model_input: np.ndarray | None = None
-    full: Image.Image | None = None
+    full: Image.Image | np.ndarray | None = None
     reason: str | None = None
     ms: dict[str, float] = field(default_factory=dict)
 
@@ -119,11 +120,10 @@ class ImageFiles:
             check_pixels(path, self.max_pixels)
             # overlays need every pixel; masks only need the network's input size
             need = (1 << 30, 1 << 30) if self.keep_full else self.model_hw[::-1]
-            rgb, frame.size_wh = load_rgb_reduced(path, need)
+            image, frame.size_wh = load_rgb_reduced(path, need)
         except DataError as exc:
             frame.reason = str(exc)
             return frame
-        image = Image.fromarray(rgb)
         frame.ms["decode"] = (perf_counter() - tick) * 1e3
         tick = perf_counter()
         frame.model_input = to_model_size(image, self.model_hw)
@@ -202,7 +202,9 @@ class VideoSource:
                               size_wh=(av_frame.width, av_frame.height))
                 h, w = self.model_hw
                 frame.model_input = av_frame.to_ndarray(width=w, height=h, format="rgb24", interpolation="AREA")
-                frame.full = av_frame.to_image() if self.keep_full else None
+                if self.keep_full:  # even sides: the planes as decoded, tinted and encoded without RGB
+                    even = av_frame.width % 2 == 0 and av_frame.height % 2 == 0
+                    frame.full = av_frame.to_ndarray(format="yuv420p") if even else av_frame.to_image()
                 frame.ms["decode"] = (perf_counter() - tick) * 1e3  # demux + decode + conversions
                 frame.ms["pre"] = 0.0  # the resize to the network's size is part of the conversion above
                 count += 1

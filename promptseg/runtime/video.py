@@ -8,6 +8,7 @@ import os
 from fractions import Fraction
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 from .sources import import_av
@@ -42,10 +43,14 @@ class VideoWriter:
             self._stream.options = {"preset": "veryfast", "crf": "23", "tune": "zerolatency"}
         self._frame_type = av.VideoFrame
 
-    def write(self, image: Image.Image) -> None:
-        if image.size != self.size_wh:
-            image = image.crop((0, 0, *self.size_wh))
-        frame = self._frame_type.from_image(image)
+    def write(self, image: Image.Image | np.ndarray) -> None:
+        """One frame: an RGB image, or ``yuv420p`` planes (``H*3/2 x W`` uint8) of even sides."""
+        if isinstance(image, np.ndarray):
+            frame = self._frame_type.from_ndarray(image, format="yuv420p")
+        else:
+            if image.size != self.size_wh:
+                image = image.crop((0, 0, *self.size_wh))
+            frame = self._frame_type.from_image(image)
         for packet in self._stream.encode(frame):
             self._container.mux(packet)
         self.frames += 1
