@@ -341,6 +341,20 @@ def test_semples_crops_have_the_references_augmentation_parameters():
     assert light[2].brightness is light[2].contrast is light[2].saturation is light[2].hue is None  # the identity
 
 
+@pytest.mark.parametrize("magnitude, bits", [(10.0, 0), (5.0, 2), (0.0, 4)])
+def test_posterize_keeps_the_references_bits_down_to_none(magnitude, bits):
+    """PosterizeIncreasing keeps 4 - int(magnitude / 10 * 4) bits; the reference's Pillow masked each value
+    with ~(2 ** (8 - bits) - 1) for any bit count, so 0 bits gave a black image (Pillow 13 refuses 0)."""
+    from PIL import Image
+
+    (op,) = [op for t in semples_transform(16, "randaugment").transforms for op in getattr(t, "ops", ())
+             if op.name == "PosterizeIncreasing"]
+    op.prob, op.magnitude, op.magnitude_std = 1.0, magnitude, 0.0
+    image = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    expected = image & np.uint8(~(2 ** (8 - bits) - 1) & 0xFF)
+    np.testing.assert_array_equal(np.asarray(op(Image.fromarray(image))), expected)
+
+
 @pytest.mark.parametrize("augment, stage", [("randaugment", "a"), ("resized_crop", "b")])
 def test_semples_crops_equal_the_reference_transforms_output(tiny_world, augment, stage):
     """Same seeds, same image: the trainer's normalised crop is the reference's transform output (the

@@ -91,11 +91,28 @@ def semples_transform(crop: int, augment: str):
     normalisation, random erasing (p 0.25, per-pixel N(0, 1), one box); ``resized_crop`` (main2) has
     neither (its colour jitter 0 is the identity). PIL image in, ImageNet-normalised ``3 x crop x crop`` out."""
     from timm.data import create_transform
+    from timm.data.auto_augment import RandAugment
 
     heavy = augment == "randaugment"
-    return create_transform(input_size=crop, is_training=True, color_jitter=0.4 if heavy else 0.0,
-                            auto_augment=SEMPLES_RANDAUGMENT if heavy else None, interpolation="bicubic",
-                            re_prob=0.25 if heavy else 0.0, re_mode="pixel", re_count=1 if heavy else 0)
+    transform = create_transform(input_size=crop, is_training=True, color_jitter=0.4 if heavy else 0.0,
+                                 auto_augment=SEMPLES_RANDAUGMENT if heavy else None, interpolation="bicubic",
+                                 re_prob=0.25 if heavy else 0.0, re_mode="pixel", re_count=1 if heavy else 0)
+    for step in transform.transforms:
+        if isinstance(step, RandAugment):
+            for op in step.ops:
+                if op.name.startswith("Posterize"):
+                    op.aug_fn = posterize
+    return transform
+
+
+def posterize(image, bits_to_keep: int, **_):
+    """RandAugment's posterize, each channel value masked to its top ``bits_to_keep`` bits as Pillow
+    masks them. At magnitude 10 PosterizeIncreasing keeps 0 bits: the Pillow of the reference's
+    time made that image black; Pillow 13 refuses 0 (ValueError), which timm passes on."""
+    if bits_to_keep >= 8:
+        return image
+    mask = ~(2 ** (8 - bits_to_keep) - 1)
+    return image.point([value & mask for value in range(256)] * len(image.getbands()))
 
 
 def seed_everything(seed: int) -> None:
