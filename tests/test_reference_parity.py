@@ -264,7 +264,9 @@ def test_the_training_loop_sets_the_configured_schedule_before_every_step(tiny_w
     monkeypatch.setattr(CamTrainer, "save_pictures", lambda self, threshold: None)
     cfg = CamTrainConfig(data=str(tiny_world), out=str(tmp_path), epochs=3, batch_size=32, lr=2e-4, crop=32,
                          val_split=None, threads=1, schedule="cosine_epoch", classifier_lr_mult=1.0)
-    CamTrainer(cfg).train(show_progress=False)
+    report = CamTrainer(cfg).train(show_progress=False)
+    assert report["procedure"] == {"classifier_lr_mult": 1.0, "weight_decay": 1e-4, "schedule": "cosine_epoch",
+                                   "augment": "scale_crop"}  # what ran: given values, the rest the baseline's
     per_epoch = len(VOCDataset(tiny_world, "train")) // 32
     expected = _semples_reference_lrs(2e-4, 3, per_epoch)
     np.testing.assert_allclose(np.array(seen), np.array([expected, expected]).T, rtol=1e-12)  # trunk, classifier

@@ -35,7 +35,7 @@ from .cams import (
     score_cams,
 )
 from .checkpoint import capture_rng, check_resume_config, config_record, load_checkpoint, restore_rng, save_checkpoint
-from .config import SCHEDULES, CamTrainConfig
+from .config import REFERENCE_PROCEDURES, SCHEDULES, CamTrainConfig
 from .distributed import Runtime, average_gradients, broadcast_parameters, setup
 from .hardware import Throughput, count_flops, precision_facts
 
@@ -299,6 +299,7 @@ class CamTrainer:
                                                        "class_names": list(self.dataset.class_names)})
             self.net.float()  # evaluation in fp32 on the training device
             report = {"method": cfg.method, "seed": cfg.seed, "train_seconds_this_session": round(train_seconds, 1),
+                      "procedure": {name: cfg.procedure(name) for name in REFERENCE_PROCEDURES["clims"]},
                       "device": str(runtime.device), "world_size": runtime.world_size,
                       **precision_facts(runtime.amp_dtype, runtime.channels_last),
                       "train_throughput": throughput.report(),

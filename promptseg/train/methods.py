@@ -383,6 +383,8 @@ def learn_background_prompts(cfg: CamTrainConfig, *, show_progress: bool = True)
     save_checkpoint(out / TEXT_FEATURES, {"text_features": features, "class_names": list(trainer.dataset.class_names)})
     sims = features @ trainer.class_text.cpu().T
     report = {"method": "semples", "stage": "b", "seed": cfg.seed, "final_loss": float(np.mean(log[-10:])),
+              "procedure": {"epochs": guide.prompt_epochs, "batch_size": batch_size, "lr": guide.prompt_lr,
+                            "schedule": guide.prompt_schedule, "augment": guide.prompt_augment},
               "prompt_class_similarity": sims.diagonal().tolist(),
               "text_features": str(out / TEXT_FEATURES)}
     write_json_atomic(out / "report.json", report)
