@@ -64,6 +64,14 @@ class PipelineConfig:
     # S's trainable head: "3x3" (a 3x3 convolution, the reference's kind, started from S's 1x1 classifier
     # as its centre tap) or "1x1"
     semples_head: str = "3x3"
+    # SemPLeS's training procedure: demo choices, the one the demo's numbers were measured with (the
+    # reference's, which CamTrainConfig's defaults and configs/voc_semples.json follow, in brackets;
+    # None here takes it). Not measured on the world: RandomResizedCrop down to 8% of a 64 px image.
+    semples_classifier_lr_mult: float | None = 10.0  # (a), (c) [1: one AdamW group]
+    semples_weight_decay: float | None = 1e-4  # (a), (c) [0.03]
+    semples_schedule: str | None = "poly"  # (a), (c): per step [cosine_epoch]
+    semples_prompt_schedule: str | None = "cosine_step"  # (b) [cosine_epoch]
+    semples_augment: str | None = "scale_crop"  # every stage [(a), (c) randaugment; (b) resized_crop]
     # pseudo-masks: dense CRF "on", "off", or "auto" (on when the crf extra is installed)
     crf: str = "auto"
     # segmenters: trained on the pseudo-masks of `seg_methods`; `ship_method`'s is exported
@@ -93,6 +101,12 @@ class PipelineConfig:
             raise ConfigError(f"crf: got {self.crf!r} | expected auto, on or off")
         if self.semples_head not in ("1x1", "3x3"):
             raise ConfigError(f"semples_head: got {self.semples_head!r} | expected 1x1 or 3x3")
+        from .train.config import AUGMENTS, SCHEDULES
+
+        for name, choices in (("semples_schedule", SCHEDULES), ("semples_prompt_schedule", SCHEDULES),
+                              ("semples_augment", AUGMENTS)):
+            if getattr(self, name) not in (None, *choices):
+                raise ConfigError(f"{name}: got {getattr(self, name)!r} | expected null or one of {', '.join(choices)}")
         if self.data is not None and not Path(self.data).is_dir():
             raise ConfigError(f"data: {self.data} is not a directory")
 
@@ -126,10 +140,29 @@ def _stage(name: str, run_dir: Path, config, run: Callable[[bool], dict], timing
 
 def method_guidance(cfg: PipelineConfig, method: str, clip_pretrained: str, init_from: str):
     """A CLIP-guided method's settings (METHODS.md's, or the tiny CLIP's when it is the CLIP),
-    starting from the CAM run ``init_from``."""
+    starting from the CAM run ``init_from``; SemPLeS's stage (b) with the pipeline's choices."""
     from .train.config import default_guidance
 
-    return default_guidance(method, clip_model=cfg.clip_model, clip_pretrained=clip_pretrained, init_from=init_from)
+    stage_b = {"prompt_schedule": cfg.semples_prompt_schedule, "prompt_augment": cfg.semples_augment} \
+        if method == "semples" else {}
+    return default_guidance(method, clip_model=cfg.clip_model, clip_pretrained=clip_pretrained, init_from=init_from,
+                            **{k: v for k, v in stage_b.items() if v is not None})
+
+
+def method_config(cfg: PipelineConfig, base, method: str, clip_pretrained: str):
+    """The CamTrainConfig of a CLIP-guided method (or ablation) ``method``: the baseline run's ``base`` with
+    the pipeline's epochs, lr and start; SemPLeS with its generator, head and procedure choices."""
+    kind, changes = ABLATIONS.get(method, (method, {}))
+    out = Path(cfg.out)
+    start = out / (cfg.semples_generator if kind == "semples" else "baseline")  # CLIMS, POLE: the baseline
+    guidance = replace(method_guidance(cfg, kind, clip_pretrained, str(start)), **changes)
+    method_cfg = replace(base, method=kind, out=str(out / method), epochs=cfg.method_epochs, lr=cfg.method_lr,
+                         guidance=guidance)
+    if kind != "semples":
+        return method_cfg
+    return replace(method_cfg, lr=cfg.semples_lr, net=replace(base.net, head=cfg.semples_head),
+                   classifier_lr_mult=cfg.semples_classifier_lr_mult, weight_decay=cfg.semples_weight_decay,
+                   schedule=cfg.semples_schedule, augment=cfg.semples_augment)
 
 
 def run_pipeline(cfg: PipelineConfig, show_progress: bool = True) -> dict:
@@ -160,13 +193,8 @@ def run_pipeline(cfg: PipelineConfig, show_progress: bool = True) -> dict:
                                  lambda resume: train_cam(base, resume=resume, show_progress=show_progress), timings,
                                  (*world, *backbone))
     for method in cfg.methods[1:]:
-        kind, changes = ABLATIONS.get(method, (method, {}))
-        lr = cfg.semples_lr if kind == "semples" else cfg.method_lr
-        start = out / (cfg.semples_generator if kind == "semples" else "baseline")  # CLIMS, POLE: the baseline
-        net = replace(base.net, head=cfg.semples_head) if kind == "semples" else base.net
-        guidance = replace(method_guidance(cfg, kind, clip_pretrained, str(start)), **changes)
-        method_cfg = replace(base, method=kind, out=str(out / method), epochs=cfg.method_epochs, lr=lr, net=net,
-                             guidance=guidance)
+        method_cfg = method_config(cfg, base, method, clip_pretrained)
+        start = Path(method_cfg.guidance.init_from)
         reports[method] = _stage(method, out / method, method_cfg,
                                  lambda resume, c=method_cfg: train_cam(c, resume=resume, show_progress=show_progress),
                                  timings, (*world, *clip_inputs, start / "cam_net.pt"))

@@ -89,12 +89,7 @@ def test_baseline_run_writes_its_files(baseline_run):
     torch.load(baseline_run / "cam_net.pt", weights_only=True)
 
 
-def test_killed_and_resumed_run_matches_an_uninterrupted_one(tiny_world, tmp_path, monkeypatch):
-    def cfg(out):
-        return CamTrainConfig(data=str(tiny_world), out=str(out), epochs=2, batch_size=16, cam_scales=(1.0,),
-                              threads=1)
-
-    straight = train_cam(cfg(tmp_path / "a"), show_progress=False)
+def _kill_after_first_epoch(monkeypatch):
     original = cam_train_mod.save_checkpoint
 
     def killed(path, state):
@@ -103,6 +98,16 @@ def test_killed_and_resumed_run_matches_an_uninterrupted_one(tiny_world, tmp_pat
             raise KeyboardInterrupt
 
     monkeypatch.setattr(cam_train_mod, "save_checkpoint", killed)
+    return original
+
+
+def test_killed_and_resumed_run_matches_an_uninterrupted_one(tiny_world, tmp_path, monkeypatch):
+    def cfg(out):
+        return CamTrainConfig(data=str(tiny_world), out=str(out), epochs=2, batch_size=16, cam_scales=(1.0,),
+                              threads=1)
+
+    straight = train_cam(cfg(tmp_path / "a"), show_progress=False)
+    original = _kill_after_first_epoch(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         train_cam(cfg(tmp_path / "b"), show_progress=False)
     monkeypatch.setattr(cam_train_mod, "save_checkpoint", original)
@@ -113,3 +118,23 @@ def test_killed_and_resumed_run_matches_an_uninterrupted_one(tiny_world, tmp_pat
     b = torch.load(tmp_path / "b" / "cam_net.pt", weights_only=True)["net"]
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=0)
+
+
+def test_a_resumed_randaugment_run_draws_the_crops_of_an_uninterrupted_one(tiny_world, tmp_path, monkeypatch):
+    """timm's RandAugment picks its ops with NumPy's RNG: the checkpoint carries that state too."""
+    monkeypatch.setattr(cam_train_mod.CamTrainer, "evaluate", lambda self, **_: {"background_threshold": 0.15})
+    monkeypatch.setattr(cam_train_mod.CamTrainer, "save_pictures", lambda self, threshold: None)
+
+    def cfg(out):
+        return CamTrainConfig(data=str(tiny_world), out=str(out), epochs=2, batch_size=32, crop=32, val_split=None,
+                              threads=1, augment="randaugment")
+
+    train_cam(cfg(tmp_path / "a"), show_progress=False)
+    original = _kill_after_first_epoch(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        train_cam(cfg(tmp_path / "b"), show_progress=False)
+    monkeypatch.setattr(cam_train_mod, "save_checkpoint", original)
+    train_cam(cfg(tmp_path / "b"), resume=True, show_progress=False)
+    a = torch.load(tmp_path / "a" / "cam_net.pt", weights_only=True)["net"]
+    b = torch.load(tmp_path / "b" / "cam_net.pt", weights_only=True)["net"]
+    assert all(torch.equal(a[name], b[name]) for name in a)

@@ -11,7 +11,16 @@ from PIL import Image
 from promptseg.claims import describe
 from promptseg.cli import main
 from promptseg.errors import ConfigError
-from promptseg.pipeline import CAM_METHODS, PipelineConfig, _stage, method_guidance, reproduction_checks, run_pipeline
+from promptseg.pipeline import (
+    CAM_METHODS,
+    PipelineConfig,
+    _stage,
+    base_cam_config,
+    method_config,
+    method_guidance,
+    reproduction_checks,
+    run_pipeline,
+)
 from promptseg.train.pseudo import crf_available
 
 
@@ -124,6 +133,33 @@ def test_pipeline_config_is_checked_before_any_work(tmp_path):
     config.write_text(json.dumps({"out": str(tmp_path / "run"), "epochs_typo": 3}))
     result = CliRunner().invoke(main, ["pipeline", str(config)])
     assert result.exit_code == 1 and "unknown keys ['epochs_typo']" in result.output
+
+
+PROCEDURE = ("classifier_lr_mult", "weight_decay", "schedule", "augment")
+
+
+def test_the_demos_semples_keeps_the_procedure_its_numbers_were_measured_with(tmp_path):
+    """The demo's choices (PipelineConfig), not the reference's: classifier 10x, wd 1e-4, poly per step,
+    CLIMS's crops; stage (b) a per-step cosine at a fixed 0.025 on the CAM stages' batch."""
+    cfg = PipelineConfig(out=str(tmp_path))
+    base = base_cam_config(cfg, tmp_path / "data")
+    semples = method_config(cfg, base, "semples", "clip")
+    assert [semples.procedure(k) for k in PROCEDURE] == [10.0, 1e-4, "poly", "scale_crop"]
+    assert (semples.lr, semples.epochs, semples.net.head) == (3.2e-5, 5, "3x3")
+    guide = semples.guidance
+    assert (guide.prompt_schedule, guide.prompt_augment, guide.prompt_lr, guide.prompt_epochs) == \
+        ("cosine_step", "scale_crop", 0.025, 4) and guide.prompt_batch_size is None
+    assert guide.init_from == str(tmp_path / "baseline")
+    clims = method_config(cfg, base, "clims", "clip")  # the CLIMS code's procedure, the demo's lr
+    assert [clims.procedure(k) for k in PROCEDURE] == [10.0, 1e-4, "poly", "scale_crop"] and clims.lr == 1e-4
+    reference = PipelineConfig(out=str(tmp_path), semples_classifier_lr_mult=None, semples_weight_decay=None,
+                               semples_schedule=None, semples_prompt_schedule=None, semples_augment=None)
+    semples = method_config(reference, base, "semples_no_suppression", "clip")
+    assert [semples.procedure(k) for k in PROCEDURE] == [1.0, 0.03, "cosine_epoch", "randaugment"]
+    assert (semples.guidance.prompt_schedule, semples.guidance.prompt_augment, semples.guidance.w_refine) == \
+        ("cosine_epoch", "resized_crop", 0.0)
+    with pytest.raises(ConfigError, match=r"semples_augment: got 'flip' \| expected null or one of scale_crop"):
+        PipelineConfig(semples_augment="flip").validate()
 
 
 def test_a_given_tiny_clip_keeps_the_tiny_clip_wording():

@@ -7,21 +7,28 @@ same tensors as promptseg's code; they must agree to a relative 1e-5.
 
 from __future__ import annotations
 
+import math
+import random
+from dataclasses import replace
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from promptseg.data.voc import VOC_CLASSES
+from promptseg.configs import load_config
+from promptseg.data.voc import VOC_CLASSES, VOCDataset
 from promptseg.train import methods
 from promptseg.train.cam_net import CamNet, CamNetConfig
-from promptseg.train.cam_train import CamTrainer, _poly_lr
+from promptseg.train.cam_train import CamCrops, CamTrainer, scheduled_lr, semples_transform
 from promptseg.train.cams import IMAGENET_MEAN, IMAGENET_STD
 from promptseg.train.config import CamTrainConfig, default_guidance
 from promptseg.train.methods import ClipGuidedTrainer, SemplesRefineTrainer, SemplesSegmentLabelTrainer
 
 CLIP_SIZE = 24
 TOLERANCE = dict(rtol=1e-5, atol=1e-6)
+SEMPLES_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "voc_semples.json"
 
 
 def _imagenet(x01: torch.Tensor) -> torch.Tensor:
@@ -128,7 +135,7 @@ def test_sgd_steps_equal_the_references_poly_optimizer():
     for step in range(3):
         grads = [torch.randn_like(p) for p in params]
         for group in optimizer.param_groups:
-            group["lr"] = _poly_lr(group["base_lr"], step, total)
+            group["lr"] = scheduled_lr("poly", group["base_lr"], step, 1, total)
         for p, g in zip(params, grads, strict=True):
             p.grad = g.clone()
         optimizer.step()
@@ -215,3 +222,157 @@ def test_a_3x3_head_starts_from_the_generators_cams():
         torch.testing.assert_close(refined(x), generator(x), rtol=1e-5, atol=1e-5)
     assert refined.classifier.weight.shape[-2:] == (3, 3) and refined.classifier.weight.numel() == \
         9 * generator.classifier.weight.numel()
+
+
+# ----------------------------------------------------------------------------- SemPLeS's budgets (row 9)
+
+
+def _semples_reference_lrs(base: float, epochs: int, steps_per_epoch: int) -> list[float]:
+    """main1/2/3: timm's create_scheduler for --sched cosine (t_initial = epochs, lr_min 0, warmup 0 from
+    1e-6, one cycle) on a fresh optimizer at ``base``; each epoch trains, then ``lr_scheduler.step(epoch)``."""
+    from timm.scheduler import CosineLRScheduler
+
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=base)
+    scheduler = CosineLRScheduler(optimizer, t_initial=epochs, lr_min=0.0, warmup_lr_init=1e-6, warmup_t=0,
+                                  cycle_mul=1.0, cycle_decay=0.1, cycle_limit=1, k_decay=1.0, noise_range_t=None)
+    lrs = []
+    for epoch in range(epochs):
+        lrs += [optimizer.param_groups[0]["lr"]] * steps_per_epoch  # train_one_epoch never touches the lr
+        scheduler.step(epoch)
+    return lrs
+
+
+@pytest.mark.parametrize("epochs", [4, 60])
+def test_cosine_epoch_is_timms_scheduler_stepped_as_semples_steps_it(epochs):
+    base, per_epoch = 5.12e-4 * 64 / 512, 3
+    expected = _semples_reference_lrs(base, epochs, per_epoch)
+    ours = [scheduled_lr("cosine_epoch", base, step, per_epoch, epochs) for step in range(epochs * per_epoch)]
+    np.testing.assert_allclose(ours, expected, rtol=1e-12)
+    assert ours[per_epoch] == base and ours[-1] > 0  # epoch 1 repeats epoch 0's rate; the last is not 0
+
+
+def test_the_training_loop_sets_the_configured_schedule_before_every_step(tiny_world, tmp_path, monkeypatch):
+    seen = []
+    step = torch.optim.AdamW.step
+
+    def spy(self, *args, **kwargs):
+        seen.append([group["lr"] for group in self.param_groups])
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", spy)
+    monkeypatch.setattr(CamTrainer, "evaluate", lambda self, **_: {"background_threshold": 0.15})  # not under test
+    monkeypatch.setattr(CamTrainer, "save_pictures", lambda self, threshold: None)
+    cfg = CamTrainConfig(data=str(tiny_world), out=str(tmp_path), epochs=3, batch_size=32, lr=2e-4, crop=32,
+                         val_split=None, threads=1, schedule="cosine_epoch", classifier_lr_mult=1.0)
+    report = CamTrainer(cfg).train(show_progress=False)
+    assert report["procedure"] == {"classifier_lr_mult": 1.0, "weight_decay": 1e-4, "schedule": "cosine_epoch",
+                                   "augment": "scale_crop"}  # what ran: given values, the rest the baseline's
+    per_epoch = len(VOCDataset(tiny_world, "train")) // 32
+    expected = _semples_reference_lrs(2e-4, 3, per_epoch)
+    np.testing.assert_allclose(np.array(seen), np.array([expected, expected]).T, rtol=1e-12)  # trunk, classifier
+
+
+def test_semples_optimiser_steps_equal_the_references_adamw():
+    """main1/main3: timm's create_optimizer gets ``model.parameters()`` (an iterable, so no bias/norm
+    split): one torch AdamW, lr 5.12e-4 x batch / 512, wd 0.03, timm's eps 1e-8, betas (0.9, 0.999);
+    only the head after the detached backbone gets gradients. AdamW written out by hand."""
+    torch.manual_seed(0)
+    cfg = replace(load_config(CamTrainConfig, SEMPLES_CONFIG), net=CamNetConfig(stages=2, output_stride=8, head="3x3"))
+    trainer = SemplesSegmentLabelTrainer.__new__(SemplesSegmentLabelTrainer)
+    trainer.cfg, trainer.guide = cfg, cfg.guidance
+    trainer.net = CamNet(cfg.net, 3)
+    optimizer = trainer._optimizer()
+    (group,) = optimizer.param_groups
+    assert [id(p) for p in group["params"]] == [id(trainer.net.classifier.weight)]
+    assert (group["weight_decay"], group["betas"], group["eps"], group["amsgrad"]) == (0.03, (0.9, 0.999), 1e-8, False)
+    head = trainer.net.classifier.weight
+    expected, m, v = head.detach().clone(), torch.zeros_like(head), torch.zeros_like(head)
+    epochs, per_epoch = 3, 2
+    lrs = _semples_reference_lrs(5.12e-4 * cfg.batch_size / 512, epochs, per_epoch)
+    for step in range(epochs * per_epoch):
+        grad = torch.randn_like(head)
+        group["lr"] = scheduled_lr(cfg.procedure("schedule"), group["base_lr"], step, per_epoch, epochs)
+        head.grad = grad.clone()
+        optimizer.step()
+        lr, t = lrs[step], step + 1  # AdamW: decoupled decay, then the bias-corrected Adam step
+        expected = expected * (1 - lr * 0.03)
+        m, v = 0.9 * m + 0.1 * grad, 0.999 * v + 0.001 * grad**2
+        expected = expected - lr * (m / (1 - 0.9**t)) / ((v / (1 - 0.999**t)).sqrt() + 1e-8)
+    torch.testing.assert_close(head.detach(), expected, **TOLERANCE)
+
+
+def _semples_reference_transform(input_size: int, stage: str):
+    """SemPLeS's datasets.build_transform(is_train=True) with main1's (stages a, c) or main2's (b) argparse
+    defaults: colour jitter 0.4 / 0.0, --aa rand-m9-mstd0.5-inc1 / None, bicubic, --reprob 0.25 / 0.0,
+    --remode pixel, --recount 1 / 0."""
+    from timm.data import create_transform
+
+    heavy = stage != "b"
+    return create_transform(input_size=input_size, is_training=True, color_jitter=0.4 if heavy else 0.0,
+                            auto_augment="rand-m9-mstd0.5-inc1" if heavy else None, interpolation="bicubic",
+                            re_prob=0.25 if heavy else 0.0, re_mode="pixel", re_count=1 if heavy else 0)
+
+
+INCREASING_OPS = ["AutoContrast", "Equalize", "Invert", "Rotate", "PosterizeIncreasing", "SolarizeIncreasing",
+                  "SolarizeAdd", "ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing", "SharpnessIncreasing",
+                  "ShearX", "ShearY", "TranslateXRel", "TranslateYRel"]  # timm 0.5.4 _RAND_INCREASING_TRANSFORMS
+
+
+def test_semples_crops_have_the_references_augmentation_parameters():
+    """timm 0.5.4's transforms_imagenet_train with those arguments: RandomResizedCrop (scale 0.08-1, ratio
+    3/4-4/3, bicubic), flip 0.5, RandAugment (2 ops of the 15 increasing ones, each p 0.5, magnitude 9 with
+    std 0.5; colour jitter unused), ToTensor, ImageNet normalisation, random erasing (p 0.25, area 2%-1/3,
+    aspect 0.3-1/0.3, per-pixel normal fill, one box); stage (b): crop and flip only."""
+    heavy = semples_transform(48, "randaugment").transforms
+    assert [type(t).__name__ for t in heavy] == ["RandomResizedCropAndInterpolation", "RandomHorizontalFlip",
+                                                 "RandAugment", "MaybeToTensor", "Normalize", "RandomErasing"]
+    crop, flip, rand, _, normalise, erasing = heavy
+    assert (crop.size, crop.scale, crop.ratio, crop.interpolation.value) == ((48, 48), (0.08, 1.0), (0.75, 4 / 3),
+                                                                              "bicubic")
+    assert flip.p == 0.5 and rand.num_layers == 2 and rand.choice_weights is None
+    assert [(op.name, op.prob, op.magnitude, op.magnitude_std) for op in rand.ops] == \
+        [(name, 0.5, 9, 0.5) for name in INCREASING_OPS]
+    assert normalise.mean.tolist() == pytest.approx(IMAGENET_MEAN)
+    assert normalise.std.tolist() == pytest.approx(IMAGENET_STD)
+    assert (erasing.probability, erasing.min_area, erasing.max_area, erasing.per_pixel, erasing.min_count,
+            erasing.max_count) == (0.25, 0.02, 1 / 3, True, 1, 1)
+    assert erasing.log_aspect_ratio == pytest.approx((math.log(0.3), math.log(1 / 0.3)))
+    light = semples_transform(48, "resized_crop").transforms
+    assert [type(t).__name__ for t in light] == ["RandomResizedCropAndInterpolation", "RandomHorizontalFlip",
+                                                 "ColorJitter", "MaybeToTensor", "Normalize"]
+    assert light[2].brightness is light[2].contrast is light[2].saturation is light[2].hue is None  # the identity
+
+
+@pytest.mark.parametrize("magnitude, bits", [(10.0, 0), (5.0, 2), (0.0, 4)])
+def test_posterize_keeps_the_references_bits_down_to_none(magnitude, bits):
+    """PosterizeIncreasing keeps 4 - int(magnitude / 10 * 4) bits; the reference's Pillow masked each value
+    with ~(2 ** (8 - bits) - 1) for any bit count, so 0 bits gave a black image (Pillow 13 refuses 0)."""
+    from PIL import Image
+
+    (op,) = [op for t in semples_transform(16, "randaugment").transforms for op in getattr(t, "ops", ())
+             if op.name == "PosterizeIncreasing"]
+    op.prob, op.magnitude, op.magnitude_std = 1.0, magnitude, 0.0
+    image = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    expected = image & np.uint8(~(2 ** (8 - bits) - 1) & 0xFF)
+    np.testing.assert_array_equal(np.asarray(op(Image.fromarray(image))), expected)
+
+
+@pytest.mark.parametrize("augment, stage", [("randaugment", "a"), ("resized_crop", "b")])
+def test_semples_crops_equal_the_reference_transforms_output(tiny_world, augment, stage):
+    """Same seeds, same image: the trainer's normalised crop is the reference's transform output (the
+    JPEG opened as main1 opens it), random erasing's normal fill included."""
+    from PIL import Image
+
+    from promptseg.train.cams import imagenet_normalise
+
+    dataset = VOCDataset(tiny_world, "train")
+    crops = CamCrops(dataset, 48, (0.8, 1.25), augment)
+    reference = _semples_reference_transform(48, stage)
+    for seed in range(8):
+        for rng in (random.seed, np.random.seed, torch.manual_seed):
+            rng(seed)
+        ours, _, _ = crops[seed]
+        for rng in (random.seed, np.random.seed, torch.manual_seed):
+            rng(seed)
+        theirs = reference(Image.open(dataset[seed].image_path).convert("RGB"))
+        torch.testing.assert_close(imagenet_normalise(ours[None])[0], theirs, rtol=1e-5, atol=1e-5)

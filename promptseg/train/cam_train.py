@@ -8,6 +8,7 @@ atomically every epoch; ``resume=True`` continues from it), ``cam_net.pt`` (fina
 from __future__ import annotations
 
 import json
+import math
 import random
 import time
 from pathlib import Path
@@ -21,39 +22,51 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from ..data.cache import DecodedCache
 from ..data.images import image_size
 from ..data.voc import VOCDataset
-from ..errors import PromptsegError
+from ..errors import ConfigError, PromptsegError
 from ..io import write_json_atomic
 from .cam_net import CamNet
 from .cams import (
     CLIMS_BACKGROUND_THRESHOLD,
     IMAGENET_MEAN,
+    IMAGENET_STD,
     cams_to_mask,
     imagenet_normalise,
     infer_cams,
     score_cams,
 )
 from .checkpoint import capture_rng, check_resume_config, config_record, load_checkpoint, restore_rng, save_checkpoint
-from .config import CamTrainConfig
+from .config import REFERENCE_PROCEDURES, SCHEDULES, CamTrainConfig
 from .distributed import Runtime, average_gradients, broadcast_parameters, setup
 from .hardware import Throughput, count_flops, precision_facts
 
 
 class CamCrops(Dataset):
-    """Random-scale, random-crop, flipped training crops: ``3 x crop x crop`` RGB 0..1 and labels.
+    """Training crops ``3 x crop x crop`` RGB 0..1 and labels, made as ``augment`` (config.AUGMENTS) says.
 
-    Padding uses the ImageNet mean colour, which normalises to zero (as the references pad).
+    scale_crop: random rescale within ``scale_range``, flip, random crop padded with the ImageNet mean
+    colour, which normalises to zero (as the CLIMS code pads). randaugment, resized_crop: SemPLeS's timm
+    transforms (:func:`semples_transform`), un-normalised here so that the trainer's ImageNet
+    normalisation gives back timm's tensor, random erasing's N(0, 1) fill included.
     """
 
-    def __init__(self, dataset: VOCDataset, crop: int, scale_range: tuple[float, float]):
+    def __init__(self, dataset: VOCDataset, crop: int, scale_range: tuple[float, float], augment: str = "scale_crop"):
         self.dataset, self.crop, self.scale_range = dataset, crop, scale_range
         self.decoded = DecodedCache()
+        self.transform = None if augment == "scale_crop" else semples_transform(crop, augment)
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, index: int):
         sample = self.dataset[index]
-        image = torch.tensor(self.decoded.get(index, sample.load_image)).permute(2, 0, 1).float()[None] / 255.0
+        decoded = self.decoded.get(index, sample.load_image)
+        labels = torch.from_numpy(sample.labels)
+        if self.transform is not None:
+            from PIL import Image
+
+            mean, std = (torch.tensor(v).view(3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
+            return self.transform(Image.fromarray(decoded)) * std + mean, labels, index
+        image = torch.tensor(decoded).permute(2, 0, 1).float()[None] / 255.0
         scale = random.uniform(*self.scale_range)
         height, width = image.shape[-2:]
         size = (max(int(height * scale), 8), max(int(width * scale), 8))
@@ -65,7 +78,41 @@ class CamCrops(Dataset):
         piece = image[:, top:top + self.crop, left:left + self.crop]
         off_y, off_x = random.randint(0, self.crop - piece.shape[1]), random.randint(0, self.crop - piece.shape[2])
         canvas[:, off_y:off_y + piece.shape[1], off_x:off_x + piece.shape[2]] = piece
-        return canvas, torch.from_numpy(sample.labels), index
+        return canvas, labels, index
+
+
+SEMPLES_RANDAUGMENT = "rand-m9-mstd0.5-inc1"  # the timm RandAugment policy of SemPLeS's main1/main3
+
+
+def semples_transform(crop: int, augment: str):
+    """timm's ImageNet training transform called with the arguments of SemPLeS's ``build_transform``:
+    RandomResizedCrop to ``crop`` (scale 0.08-1, ratio 3/4-4/3, bicubic), flip 0.5, then for
+    ``randaugment`` (main1, main3) RandAugment rand-m9-mstd0.5-inc1 and, after the ImageNet
+    normalisation, random erasing (p 0.25, per-pixel N(0, 1), one box); ``resized_crop`` (main2) has
+    neither (its colour jitter 0 is the identity). PIL image in, ImageNet-normalised ``3 x crop x crop`` out."""
+    from timm.data import create_transform
+    from timm.data.auto_augment import RandAugment
+
+    heavy = augment == "randaugment"
+    transform = create_transform(input_size=crop, is_training=True, color_jitter=0.4 if heavy else 0.0,
+                                 auto_augment=SEMPLES_RANDAUGMENT if heavy else None, interpolation="bicubic",
+                                 re_prob=0.25 if heavy else 0.0, re_mode="pixel", re_count=1 if heavy else 0)
+    for step in transform.transforms:
+        if isinstance(step, RandAugment):
+            for op in step.ops:
+                if op.name.startswith("Posterize"):
+                    op.aug_fn = posterize
+    return transform
+
+
+def posterize(image, bits_to_keep: int, **_):
+    """RandAugment's posterize, each channel value masked to its top ``bits_to_keep`` bits as Pillow
+    masks them. At magnitude 10 PosterizeIncreasing keeps 0 bits: the Pillow of the reference's
+    time made that image black; Pillow 13 refuses 0 (ValueError), which timm passes on."""
+    if bits_to_keep >= 8:
+        return image
+    mask = ~(2 ** (8 - bits_to_keep) - 1)
+    return image.point([value & mask for value in range(256)] * len(image.getbands()))
 
 
 def seed_everything(seed: int) -> None:
@@ -74,8 +121,21 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _poly_lr(base: float, step: int, total: int, power: float = 0.9) -> float:
-    return base * (1 - step / total) ** power
+def scheduled_lr(schedule: str, base: float, step: int, steps_per_epoch: int, epochs: int) -> float:
+    """The learning rate of global step ``step`` (from 0) under ``schedule`` (config.SCHEDULES).
+
+    cosine_epoch is timm's CosineLRScheduler (t_initial = epochs, no warmup, lr_min 0) driven as
+    SemPLeS's main1/2/3 drive it: ``step(epoch)`` after each epoch gives the next epoch the cosine of
+    the epoch just trained, so epochs 0 and 1 train at ``base`` and epoch e > 0 at the cosine of e - 1.
+    """
+    total = steps_per_epoch * epochs
+    if schedule == "poly":
+        return base * (1 - step / total) ** 0.9
+    if schedule == "cosine_step":
+        return base * 0.5 * (1 + math.cos(math.pi * step / total))
+    if schedule == "cosine_epoch":
+        return base * 0.5 * (1 + math.cos(math.pi * max(step // steps_per_epoch - 1, 0) / epochs))
+    raise ConfigError(f"schedule: got {schedule!r} | expected one of {', '.join(SCHEDULES)}")
 
 
 class CamTrainer:
@@ -111,12 +171,13 @@ class CamTrainer:
         backbone, classifier = self.net.param_groups(freeze_stem=self.cfg.freeze_stem)
         cfg = self.cfg
         groups = [{"params": backbone, "lr": cfg.lr, "base_lr": cfg.lr}] if self.trains_backbone() else []
-        groups += [{"params": classifier, "lr": cfg.lr * cfg.classifier_lr_mult,
-                    "base_lr": cfg.lr * cfg.classifier_lr_mult}]
+        classifier_lr = cfg.lr * cfg.procedure("classifier_lr_mult")
+        groups += [{"params": classifier, "lr": classifier_lr, "base_lr": classifier_lr}]
         groups += self.extra_parameters()
+        decay = cfg.procedure("weight_decay")
         if cfg.optimizer == "sgd":
-            return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+            return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=decay)
+        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=decay)
 
     def place(self, runtime: Runtime) -> None:
         """Move the trained network (and, in subclasses, the method's tensors) to the run's device."""
@@ -146,7 +207,7 @@ class CamTrainer:
             model = DistributedDataParallel(self.net, device_ids=[runtime.device.index]
                                             if runtime.device.type == "cuda" else None)
         generator = torch.Generator().manual_seed(cfg.seed)
-        crops = CamCrops(self.dataset, cfg.crop, cfg.scale_range)
+        crops = CamCrops(self.dataset, cfg.crop, cfg.scale_range, cfg.procedure("augment"))
         sampler = None
         if runtime.distributed:
             sampler = DistributedSampler(crops, num_replicas=runtime.world_size, rank=runtime.rank, shuffle=True,
@@ -156,6 +217,7 @@ class CamTrainer:
                             generator=generator if sampler is None else None, num_workers=0,
                             pin_memory=runtime.device.type == "cuda")
         total_steps = cfg.epochs * len(loader)
+        schedule = cfg.procedure("schedule")
         state_path = self.out / "train_state.pt"
         start_epoch = 0
         if resume and state_path.exists():
@@ -193,7 +255,7 @@ class CamTrainer:
             for i, (images01, labels, rows) in enumerate(loader):
                 step = epoch * len(loader) + i
                 for group in optimizer.param_groups:
-                    group["lr"] = _poly_lr(group["base_lr"], step, total_steps)
+                    group["lr"] = scheduled_lr(schedule, group["base_lr"], step, len(loader), cfg.epochs)
                 images01 = runtime.images(images01)
                 labels, rows = labels.to(runtime.device), rows.to(runtime.device)
 
@@ -237,6 +299,7 @@ class CamTrainer:
                                                        "class_names": list(self.dataset.class_names)})
             self.net.float()  # evaluation in fp32 on the training device
             report = {"method": cfg.method, "seed": cfg.seed, "train_seconds_this_session": round(train_seconds, 1),
+                      "procedure": {name: cfg.procedure(name) for name in REFERENCE_PROCEDURES["clims"]},
                       "device": str(runtime.device), "world_size": runtime.world_size,
                       **precision_facts(runtime.amp_dtype, runtime.channels_last),
                       "train_throughput": throughput.report(),

@@ -9,6 +9,7 @@ import random
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..errors import PromptsegError
@@ -41,10 +42,13 @@ def check_resume_config(state: dict[str, Any], cfg, path: str | os.PathLike) -> 
 
 
 def capture_rng(loader_generator: torch.Generator) -> dict[str, Any]:
-    """torch, DataLoader and Python RNG states in ``weights_only``-loadable form (no tuples of ints)."""
+    """torch, DataLoader, Python and NumPy (timm's RandAugment draws its ops there) RNG states in
+    ``weights_only``-loadable form (no tuples of ints, no arrays)."""
     version, internal, gauss = random.getstate()
+    name, keys, position, has_gauss, cached = np.random.get_state()
     return {"torch_rng": torch.get_rng_state(), "loader_rng": loader_generator.get_state(),
-            "py_rng": [version, list(internal), gauss]}
+            "py_rng": [version, list(internal), gauss],
+            "np_rng": [name, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached]}
 
 
 def restore_rng(state: dict[str, Any], loader_generator: torch.Generator) -> None:
@@ -52,3 +56,5 @@ def restore_rng(state: dict[str, Any], loader_generator: torch.Generator) -> Non
     loader_generator.set_state(state["loader_rng"])
     version, internal, gauss = state["py_rng"]
     random.setstate((version, tuple(internal), gauss))
+    name, keys, position, has_gauss, cached = state["np_rng"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, cached))

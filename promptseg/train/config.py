@@ -10,6 +10,18 @@ from .clip import TINY_CLIP
 
 OPTIMIZERS = ("sgd", "adamw")
 METHODS = ("baseline", "clims", "pole", "semples", "semples_a", "semples_c")  # semples = stages a, b, c
+# poly: base (1 - step / steps) ** 0.9 before every step (the CLIMS code's PolyOptimizer); cosine_step: half a
+# cosine over the steps; cosine_epoch: timm's CosineLRScheduler as SemPLeS's main1/2/3 step it (once per epoch)
+SCHEDULES = ("poly", "cosine_step", "cosine_epoch")
+# scale_crop: CLIMS's random rescale, crop and flip; randaugment: SemPLeS (a)/(c)'s timm transform
+# (RandomResizedCrop, flip, RandAugment, random erasing); resized_crop: its stage (b)'s (crop and flip only)
+AUGMENTS = ("scale_crop", "randaugment", "resized_crop")
+# What each method's reference trains with where a CamTrainConfig field is None: the CLIMS code's
+# (baseline, CLIMS, POLE) and SemPLeS's main1/main3 (its stages a and c: one AdamW group)
+REFERENCE_PROCEDURES = {
+    "clims": {"classifier_lr_mult": 10.0, "weight_decay": 1e-4, "schedule": "poly", "augment": "scale_crop"},
+    "semples": {"classifier_lr_mult": 1.0, "weight_decay": 0.03, "schedule": "cosine_epoch", "augment": "randaugment"},
+}
 
 POLE_SELECTION_SCALES = (1.0, 0.5, 1.5, 2.0)  # POLE masks with make_cam's CAM: these scales, flipped
 # The words the references put in "a photo of {}." for VOC's classes (CLIMS's clip_utils, POLE, SemPLeS)
@@ -48,8 +60,12 @@ class ClipGuidance:
     prompt_length: int = 30
     w_prompt_text: float = 0.02
     w_refine: float = 0.05
-    prompt_epochs: int = 2
+    # stage (b): the reference's main2 (60 epochs, batch 128, lr 0.1 x batch / 512, AdamW wd 0.03)
+    prompt_epochs: int = 60
     prompt_lr: float = 0.025  # 0.1 x 128 / 512, as the reference scales it
+    prompt_batch_size: int | None = None  # None: the CAM stages' batch_size
+    prompt_schedule: str = "cosine_epoch"
+    prompt_augment: str = "resized_crop"
     prompts_from: str | None = None  # stage (c): the stage (b) run holding text_features.pt
 
 
@@ -71,8 +87,11 @@ class CamTrainConfig:
     # SGD only. The references' PolyOptimizer(SGD) passes its weight decay into SGD's momentum slot, so
     # their published runs used momentum 1e-4 (decay set per group): that effective value is the default
     momentum: float = 1e-4
-    classifier_lr_mult: float = 10.0
-    weight_decay: float = 1e-4
+    # None: the method's reference (REFERENCE_PROCEDURES), read through `procedure(name)`
+    classifier_lr_mult: float | None = None
+    weight_decay: float | None = None
+    schedule: str | None = None  # one of SCHEDULES
+    augment: str | None = None  # one of AUGMENTS; `scale_range` is scale_crop's
     # ResNet conv1/bn1 frozen, as every reference CAM network (resnet50_cam, resnet50_clims)
     freeze_stem: bool = True
     # batch norm on running statistics (FixedBatchNorm, the reference baseline's) or on batch statistics
@@ -92,6 +111,12 @@ class CamTrainConfig:
     def uses_fixed_bn(self) -> bool:
         return self.method == "baseline" if self.fixed_bn is None else self.fixed_bn
 
+    def procedure(self, name: str):
+        """Field ``name`` of REFERENCE_PROCEDURES as this run trains it: its own value, or its method's reference."""
+        value = getattr(self, name)
+        reference = REFERENCE_PROCEDURES["semples" if self.method.startswith("semples") else "clims"]
+        return reference[name] if value is None else value
+
     def validate(self) -> None:
         self.net.validate()
         if self.optimizer not in OPTIMIZERS:
@@ -103,9 +128,21 @@ class CamTrainConfig:
                 raise ConfigError(f"{name}: got {getattr(self, name)} | expected >= 1")
         if self.method not in METHODS:
             raise ConfigError(f"method: got {self.method!r} | expected one of {', '.join(METHODS)}")
+        _check_choice("schedule", self.procedure("schedule"), SCHEDULES)
+        _check_choice("augment", self.procedure("augment"), AUGMENTS)
+        if self.guidance is not None:
+            _check_choice("guidance.prompt_schedule", self.guidance.prompt_schedule, SCHEDULES)
+            _check_choice("guidance.prompt_augment", self.guidance.prompt_augment, AUGMENTS)
+            if self.guidance.prompt_batch_size is not None and self.guidance.prompt_batch_size < 1:
+                raise ConfigError(f"guidance.prompt_batch_size: got {self.guidance.prompt_batch_size} | expected >= 1")
         lo, hi = self.scale_range
         if not 0 < lo <= hi:
             raise ConfigError(f"scale_range: got {self.scale_range} | expected 0 < low <= high")
+
+
+def _check_choice(name: str, value, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name}: got {value!r} | expected one of {', '.join(choices)}")
 
 
 # Tiny-CLIP settings that differ from the reference's (tuned for OpenAI CLIP), measured on the

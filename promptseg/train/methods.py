@@ -17,7 +17,7 @@ from ..errors import ConfigError, PromptsegError
 from ..io import read_json, write_json_atomic
 from . import losses
 from .cam_net import CamNet
-from .cam_train import CamCrops, CamTrainer, seed_everything
+from .cam_train import CamCrops, CamTrainer, scheduled_lr, seed_everything
 from .cams import imagenet_normalise, infer_cams
 from .checkpoint import load_checkpoint, save_checkpoint
 from .clip import ClipSpec, clip_input_size, clip_normalize, encode_prompts
@@ -325,7 +325,8 @@ def load_text_features(run: str | Path) -> dict:
 
 
 def learn_background_prompts(cfg: CamTrainConfig, *, show_progress: bool = True) -> dict:
-    """SemPLeS stage (b): the CAM network (stage a) frozen, only the prompts learn.
+    """SemPLeS stage (b): the CAM network (stage a) frozen, only the prompts learn (AdamW, wd 0.03, as
+    the reference's main2; its epochs, batch, lr, schedule and crops from ``guidance.prompt_*``).
 
     Loss: -mean log s(bg_k, p_k) + w * mean log s(t_k, p_k) with masks min-max normalised (eps 1e-4).
     The learned prompts are folded once into constant ``C x D`` text features, ``text_features.pt``.
@@ -346,31 +347,31 @@ def learn_background_prompts(cfg: CamTrainConfig, *, show_progress: bool = True)
     write_json_atomic(out / "config.json", cfg)
     torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
+    guide = cfg.guidance
     prompts = BackgroundPrompts(trainer.clip, trainer.tokenizer, trainer.dataset.num_classes,
-                                cfg.guidance.prompt_length).to(runtime.device)
-    optimizer = torch.optim.AdamW(prompts.parameters(), lr=cfg.guidance.prompt_lr, weight_decay=0.03)
-    loader = DataLoader(CamCrops(trainer.dataset, cfg.crop, cfg.scale_range), batch_size=cfg.batch_size,
-                        shuffle=True, drop_last=len(trainer.dataset) > cfg.batch_size,
+                                guide.prompt_length).to(runtime.device)
+    optimizer = torch.optim.AdamW(prompts.parameters(), lr=guide.prompt_lr, weight_decay=0.03)
+    batch_size = guide.prompt_batch_size or cfg.batch_size
+    loader = DataLoader(CamCrops(trainer.dataset, cfg.crop, cfg.scale_range, guide.prompt_augment),
+                        batch_size=batch_size, shuffle=True, drop_last=len(trainer.dataset) > batch_size,
                         generator=torch.Generator().manual_seed(cfg.seed))
-    total = cfg.guidance.prompt_epochs * len(loader)
-    bar = tqdm(total=total, desc="semples prompts", disable=not show_progress)
+    bar = tqdm(total=guide.prompt_epochs * len(loader), desc="semples prompts", disable=not show_progress)
     log = []
-    step = 0
-    for _ in range(cfg.guidance.prompt_epochs):
-        for images01, labels, _ in loader:
+    for epoch in range(guide.prompt_epochs):
+        for i, (images01, labels, _) in enumerate(loader):
             for group in optimizer.param_groups:
-                group["lr"] = cfg.guidance.prompt_lr * 0.5 * (1 + np.cos(np.pi * step / total))
+                group["lr"] = scheduled_lr(guide.prompt_schedule, guide.prompt_lr, epoch * len(loader) + i,
+                                           len(loader), guide.prompt_epochs)
             images01, labels = runtime.images(images01), labels.to(runtime.device)
             with torch.no_grad():
                 _, bg, _, k_idx = trainer.masked_views(images01, trainer.net(imagenet_normalise(images01)), labels)
                 bg_f = trainer.encode_images(bg)
             p = prompts(trainer.clip)
-            loss = losses.prompt_contrast(bg_f, p[k_idx], trainer.class_text[k_idx], cfg.guidance.w_prompt_text)
+            loss = losses.prompt_contrast(bg_f, p[k_idx], trainer.class_text[k_idx], guide.w_prompt_text)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             log.append(loss.item())
-            step += 1
             bar.update(1)
             bar.set_postfix(loss=f"{log[-1]:.3f}")
     bar.close()
@@ -382,6 +383,8 @@ def learn_background_prompts(cfg: CamTrainConfig, *, show_progress: bool = True)
     save_checkpoint(out / TEXT_FEATURES, {"text_features": features, "class_names": list(trainer.dataset.class_names)})
     sims = features @ trainer.class_text.cpu().T
     report = {"method": "semples", "stage": "b", "seed": cfg.seed, "final_loss": float(np.mean(log[-10:])),
+              "procedure": {"epochs": guide.prompt_epochs, "batch_size": batch_size, "lr": guide.prompt_lr,
+                            "schedule": guide.prompt_schedule, "augment": guide.prompt_augment},
               "prompt_class_similarity": sims.diagonal().tolist(),
               "text_features": str(out / TEXT_FEATURES)}
     write_json_atomic(out / "report.json", report)
