@@ -16,9 +16,35 @@ from promptseg.export.exporter import load_segmenter, parity_batches
 from promptseg.export.parity import ParityBounds, ParityError, check_parity
 from promptseg.export.text import fold_text_features, text_features_sha256
 from promptseg.export.trt_ops import unsupported_ops
-from promptseg.export.wrappers import SegmenterForExport
+from promptseg.export.wrappers import CamForExport, SegmenterForExport
 from promptseg.io import sha256_file
 from promptseg.runtime.spec import CAM, SEGMENTER, ModelMetadata, read_metadata
+
+
+@pytest.mark.parametrize("size_hw", [(64, 64), (61, 97)])
+def test_export_wrappers_compute_what_training_computes(size_hw):
+    """The graphs' modules on RGB 0..1 equal the trained networks on the ImageNet-normalised image the
+    training code feeds them (the segmenter, and the CAM network's ReLU'd, peak-divided maps)."""
+    from promptseg.train.cam_net import CamNet, CamNetConfig
+    from promptseg.train.cams import imagenet_normalise
+    from promptseg.train.seg import Segmenter
+
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, *size_hw)
+    segmenter = Segmenter("lraspp_mobilenet_v3_large", 3, 64).eval()
+    with torch.no_grad():
+        logits, labels = SegmenterForExport(segmenter)(x)
+        want = segmenter(imagenet_normalise(x))
+    torch.testing.assert_close(logits, want, rtol=1e-4, atol=1e-5)
+    assert torch.equal(labels, want.argmax(1))
+    cam_net = CamNet(CamNetConfig(), 3).eval()
+    with torch.no_grad():
+        cams, scores = CamForExport(cam_net)(x)
+        raw = cam_net(imagenet_normalise(x))
+    maps = torch.nn.functional.interpolate(raw.relu(), size=size_hw, mode="bilinear", align_corners=False)
+    torch.testing.assert_close(cams, maps / maps.amax(dim=(2, 3), keepdim=True).clamp_min(1e-5), rtol=1e-4,
+                               atol=1e-5)
+    torch.testing.assert_close(scores, torch.sigmoid(raw.mean(dim=(2, 3))))
 
 
 @pytest.mark.parametrize("spec", [SEGMENTER, CAM], ids=lambda s: s.kind)
