@@ -1,10 +1,17 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
+import promptseg
 from promptseg.data.synth import SynthConfig, write_world
+
+# tests/test_planted_bugs.py runs guard tests over a planted copy of the package: it must be the one imported
+_PLANTED = os.environ.get("PROMPTSEG_PLANTED_COPY")
+if _PLANTED and not Path(promptseg.__file__).resolve().is_relative_to(Path(_PLANTED).resolve()):
+    raise RuntimeError(f"planted copy {_PLANTED} not imported: promptseg is {promptseg.__file__}")
 
 
 @pytest.fixture(scope="session")

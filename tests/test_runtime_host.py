@@ -145,3 +145,13 @@ def test_reduced_decoding_keeps_the_exif_orientation(tmp_path):
     assert full == (400, 800) and reduced.shape == (100, 50, 3)
     upright = np.asarray(Image.fromarray(stored).transpose(Image.Transpose.ROTATE_270).resize((50, 100)))
     assert np.abs(reduced.astype(int) - upright.astype(int)).mean() < 4
+
+
+def test_the_graph_gets_chw_rgb_in_0_to_1():
+    from promptseg.runtime.processing import stack_batch
+
+    rng = np.random.default_rng(3)
+    images = [rng.integers(0, 256, (5, 7, 3), dtype=np.uint8) for _ in range(2)]
+    batch = stack_batch(images)
+    assert batch.shape == (2, 3, 5, 7) and batch.dtype == np.float32 and batch.flags.c_contiguous
+    np.testing.assert_allclose(batch[1, 2], images[1][:, :, 2] / 255.0, rtol=1e-6)  # channel 2 is blue
