@@ -25,8 +25,47 @@ def test_the_readme_stays_a_users_page():
     assert len((ROOT / "README.md").read_text().splitlines()) <= 200
 
 
-def test_ci_runs_exactly_the_readmes_test_command():
-    readme = (ROOT / "README.md").read_text()
-    command = re.search(r"## Tests\s+```bash\n(.+?)\n```", readme, re.S).group(1).strip()
-    assert command.endswith("python -m pytest -q")
-    assert (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1] == command
+
+def _commands(group, path=()):
+    """Every command of the CLI with its path of names."""
+    import click
+
+    for name, command in group.commands.items():
+        if isinstance(command, click.Group):
+            yield from _commands(command, (*path, name))
+        else:
+            yield (*path, name), command
+
+
+def test_every_command_has_help_that_explains():
+    from click.testing import CliRunner
+
+    from promptseg.cli import main
+
+    found = list(_commands(main))
+    assert len(found) >= 15
+    for path, command in found:
+        result = CliRunner().invoke(main, [*path, "--help"])
+        assert result.exit_code == 0, path
+        assert len((command.help or "").split()) >= 6, f"{' '.join(path)}: --help says too little"
+
+
+def test_the_readmes_command_table_names_commands_and_options_that_exist():
+    """Each ``promptseg ...`` in README's command table is a command, and each ``--option`` it shows is one of
+    that command's options, so the table cannot drift from the CLI."""
+    from promptseg.cli import main
+
+    commands = {" ".join(path): command for path, command in _commands(main)}
+    table = (ROOT / "README.md").read_text().split("## Commands", 1)[1].split("\n\n", 2)[1]
+    checked = 0
+    for usage in re.findall(r"`(promptseg [^`]+)`", table):
+        words = usage.replace("\\|", "|").split()[1:]
+        name = " ".join(words[:2]) if " ".join(words[:2]) in commands else words[0]
+        assert name in commands, usage
+        options = {opt for param in commands[name].params
+                   for opt in (*getattr(param, "opts", ()), *getattr(param, "secondary_opts", ()))}
+        for option in re.findall(r"--[a-z][a-z0-9-]*", usage):
+            if option not in ("--min", "--opt", "--max"):  # written "--min/opt/max-shape" in the table
+                assert option in options, f"{usage}: {option}"
+        checked += 1
+    assert checked >= 15
