@@ -180,10 +180,11 @@ def run_infer(cfg: InferConfig, progress: Callable[[int], None] | None = None) -
                                                      meta, cfg.overlay))
             if progress is not None:
                 progress(len(chunk))
-        precision = runner.precision
+        precision, precision_note = runner.precision, runner.precision_note
     failed = sum(not r["ok"] for r in records)
-    summary = {"model": str(cfg.model), "backend": cfg.backend, "precision": precision, "images": len(paths),
-               "succeeded": len(paths) - failed, "failed": failed,
+    summary = {"model": str(cfg.model), "backend": cfg.backend, "precision": precision,
+               "precision_note": precision_note, "images": len(paths), "succeeded": len(paths) - failed,
+               "failed": failed,
                "seconds": round(perf_counter() - started, 4), "inference_seconds": round(infer_seconds, 4),
                "files": records}
     write_json_atomic(out / "summary.json", summary)
