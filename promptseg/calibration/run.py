@@ -111,8 +111,9 @@ def _decide(rows: list[dict], cfg: CalibrationConfig) -> tuple[str | None, dict 
                         f"and within {cfg.max_drop} mIoU points")
             else:
                 chosen = "fp32"
-                note = (f"INT8 cannot beat FP32 on this CPU: the fastest INT8 candidate that passed the gate "
-                        f"({best_int8['name']}, {best_int8['latency_ms']:.3f} ms/image) is not "
+                note = (f"INT8 cannot beat FP32 on this CPU: the fastest candidate that passed the gate "
+                        f"({best_int8['name']}: {best_int8['precision']} on {best_int8['backend']}, "
+                        f"{best_int8['latency_ms']:.3f} ms/image) is not "
                         f"{cfg.min_speedup}x faster than FP32 ({fp32_ms:.3f} ms/image); keeping FP32")
     if chosen is None:
         reason = "no INT8 candidate" if cfg.target is Target.CPU else "the INT8 model"
