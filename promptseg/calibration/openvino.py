@@ -40,12 +40,21 @@ def import_nncf():
     return nncf
 
 
-def single_images(images: ImageBatches) -> Iterator[dict[str, np.ndarray]]:
-    """The calibration batches split into one-image feeds (``1 x 3 x H x W``)."""
-    for batch in images:
-        for name, value in batch.items():
-            for one in value:
-                yield {name: one[None]}
+class SingleImages:
+    """The calibration batches as one-image feeds (``1 x 3 x H x W``), re-iterable (NNCF passes over
+    them more than once) and decoded on demand, as the batches are."""
+
+    def __init__(self, images: ImageBatches):
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images.refs)
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        for batch in self.images:
+            for name, value in batch.items():
+                for one in value:
+                    yield {name: one[None]}
 
 
 @contextlib.contextmanager
@@ -74,7 +83,7 @@ def quantize_nncf(fp32_path: Path, out_path: Path, images: ImageBatches, activat
     from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
 
     model = onnx.load(str(fp32_path))
-    feeds = list(single_images(images))
+    feeds = SingleImages(images)
     with _quiet():
         quantized = nncf.quantize(model, nncf.Dataset(feeds), preset=getattr(nncf.QuantizationPreset,
                                                                               NNCF_PRESETS[activation]),
