@@ -1,8 +1,10 @@
-"""The runtime's Python API on tiny generated models: input checks, the runner lifecycle, the
-ONNX Runtime backend, host processing, and a torch-free run in a subprocess."""
+"""The runtime's Python API on tiny generated models: input checks, the runner lifecycle, the CPU
+backends (ONNX Runtime; OpenVINO where it is installed) through the same checks, host processing,
+and a torch-free run in a subprocess."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -24,12 +26,16 @@ from promptseg.runtime.sources import check_pixels, collect_inputs, output_names
 from promptseg.runtime.spec import IMAGE, MAX_SIDE, MIN_SIDE
 
 ROOT = Path(__file__).resolve().parents[1]
+# every backend that runs on this machine's CPU goes through the same runner checks
+CPU_BACKENDS = ["onnxruntime", pytest.param("openvino", marks=pytest.mark.skipif(
+    importlib.util.find_spec("openvino") is None, reason="openvino not installed (pip install promptseg[openvino])"))]
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("runtime_models")
     return {"fp32": tiny_segmenter(root / "seg.onnx"), "int8": tiny_segmenter(root / "seg_int8.onnx", "int8"),
+            "int8_7bit": tiny_segmenter(root / "seg_int8_7bit.onnx", "int8", weight_levels=63),
             "cam": tiny_cam(root / "cam.onnx")}
 
 
@@ -40,7 +46,7 @@ def _image(n=1, h=20, w=30, seed=0) -> np.ndarray:
 # ----------------------------------------------------------------------------- input checks
 
 
-@pytest.mark.parametrize(("feed", "match"), [
+BAD_FEEDS = pytest.mark.parametrize(("feed", "match"), [
     ({"img": _image()}, r"inputs: got \['img'\] \| expected \['image'\]"),
     ({"image": _image(), "extra": _image()}, r"inputs: got \['extra', 'image'\]"),
     ({"image": _image().astype(np.float64)}, r"input 'image': got dtype float64 \| expected float32"),
@@ -49,9 +55,23 @@ def _image(n=1, h=20, w=30, seed=0) -> np.ndarray:
     ({"image": np.zeros((0, 3, 8, 8), np.float32)}, r"got shape \(0, 3, 8, 8\)"),
     ({"image": [[0.0]]}, r"input 'image': got list \| expected a numpy array"),
 ], ids=["name", "extra", "dtype", "rank", "channels", "empty", "type"])
+
+
+@BAD_FEEDS
 def test_bad_inputs_name_the_tensor_what_came_and_what_was_expected(feed, match):
     with pytest.raises(PromptsegError, match=match):
         check_feed(feed, [IMAGE])
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@BAD_FEEDS
+def test_every_backend_refuses_bad_inputs_with_the_same_message(models, backend, feed, match):
+    """The specs a backend reads from its own session must give the checks above (a backend that
+    read the input as static, or as float64, would refuse good feeds or pass bad ones)."""
+    with open_runner(models["fp32"], backend) as runner:
+        assert runner.input_specs() == (IMAGE,)
+        with pytest.raises(PromptsegError, match=match):
+            runner.infer(feed)
 
 
 def test_profile_bounds_are_checked_with_the_range_in_the_message():
@@ -65,8 +85,9 @@ def test_profile_bounds_are_checked_with_the_range_in_the_message():
 # ----------------------------------------------------------------------------- runner lifecycle
 
 
-def test_runner_must_be_active_and_is_a_context_manager(models):
-    runner = open_runner(models["fp32"])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_runner_must_be_active_and_is_a_context_manager(models, backend):
+    runner = open_runner(models["fp32"], backend)
     with pytest.raises(PromptsegError, match="not active"):
         runner.infer({"image": _image()})
     with runner:
@@ -79,15 +100,26 @@ def test_runner_must_be_active_and_is_a_context_manager(models):
         runner.metadata  # noqa: B018
 
 
-def test_onnxruntime_outputs_follow_the_spec_at_native_size(models):
-    x = _image(2, 21, 34)
+def test_onnxruntime_runs_on_the_cpu_provider(models):
     with open_runner(models["fp32"]) as runner:
-        assert runner.providers == ["CPUExecutionProvider"] and runner.precision == "fp32"
-        assert [t.name for t in runner.output_specs()] == ["logits", "labels"]
+        assert runner.providers == ["CPUExecutionProvider"]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_outputs_follow_the_spec_at_native_size(models, backend):
+    x = _image(2, 21, 34)
+    with open_runner(models["fp32"], backend) as runner:
+        assert runner.precision == "fp32" and runner.precision_note == ""
+        assert [(t.name, t.dtype, t.shape) for t in runner.output_specs()] == [
+            ("logits", "float32", ("batch", 3, "height", "width")), ("labels", "int64", ("batch", "height", "width"))]
         out = runner.infer({"image": x})
+        again = runner.infer({"image": _image(1, 17, 16)})  # another shape in the same session
     assert out["logits"].shape == (2, 3, 21, 34) and out["logits"].dtype == np.float32
     assert out["labels"].shape == (2, 21, 34) and out["labels"].dtype == np.int64
     np.testing.assert_array_equal(out["labels"], out["logits"].argmax(1))
+    assert again["logits"].shape == (1, 3, 17, 16)
+    with open_runner(models["fp32"]) as reference:  # every backend computes what ONNX Runtime does
+        np.testing.assert_allclose(out["logits"], reference.infer({"image": x})["logits"], atol=1e-4)
 
 
 def test_int8_model_stays_close_to_fp32(models):
@@ -99,29 +131,53 @@ def test_int8_model_stays_close_to_fp32(models):
     assert (out_a["labels"] == out_b["labels"]).mean() > 0.95
 
 
-def test_graph_that_breaks_the_spec_is_refused_at_activation(models, tmp_path):
+def qdq_in_float(model: Path, x: np.ndarray) -> np.ndarray:
+    """The logits of a Q/DQ graph computed op by op in float: the exact result of its int8 arithmetic."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # no int8 kernel fusion
+    return ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"]).run(["logits"],
+                                                                                             {"image": x})[0]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_int8_kernels_compute_the_qdq_arithmetic(models, backend):
+    """7-bit weights: every u8 x s8 pair sum fits int16, so an int8 kernel must give the float
+    simulation of the Q/DQ graph to rounding on any CPU (VNNI or not)."""
+    x = _image(2, 32, 32, seed=1)
+    with open_runner(models["int8_7bit"], backend) as runner:
+        assert runner.precision == "int8"
+        out = runner.infer({"image": x})
+    np.testing.assert_allclose(out["logits"], qdq_in_float(models["int8_7bit"], x), atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_graph_that_breaks_the_spec_is_refused_at_activation(models, tmp_path, backend):
     model = onnx.load(str(models["fp32"]))
     model.graph.output[1].name = "label"
     model.graph.node[-1].output[0] = "label"
     onnx.save(model, str(tmp_path / "renamed.onnx"))
-    runner = open_runner(tmp_path / "renamed.onnx")
+    runner = open_runner(tmp_path / "renamed.onnx", backend)
     with pytest.raises(PromptsegError, match=r"tensors \['image'\] -> \['label', 'logits'\] \| expected \['image'\] "
                                              r"-> \['logits', 'labels'\] for a segmenter model"):
         runner.activate()
     assert not runner.is_active
 
 
-def test_model_without_metadata_or_file_is_a_clear_error(models, tmp_path):
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_model_without_metadata_or_file_is_a_clear_error(models, tmp_path, backend):
     model = onnx.load(str(models["fp32"]))
     del model.metadata_props[:]
     onnx.save(model, str(tmp_path / "plain.onnx"))
     with pytest.raises(PromptsegError, match="not a promptseg export"):
-        open_runner(tmp_path / "plain.onnx").activate()
+        open_runner(tmp_path / "plain.onnx", backend).activate()
     with pytest.raises(PromptsegError, match="missing.onnx: model file not found"):
-        open_runner(tmp_path / "missing.onnx")
+        open_runner(tmp_path / "missing.onnx", backend)
     (tmp_path / "junk.onnx").write_text("not a model")
-    with pytest.raises(PromptsegError, match="junk.onnx: ONNX Runtime cannot load it"):
-        open_runner(tmp_path / "junk.onnx").activate()
+    cannot = {"onnxruntime": "ONNX Runtime cannot load it", "openvino": "OpenVINO cannot read it"}[backend]
+    with pytest.raises(PromptsegError, match=f"junk.onnx: {cannot}"):
+        open_runner(tmp_path / "junk.onnx", backend).activate()
     with pytest.raises(PromptsegError, match="backend: got 'tflite'"):
         open_runner(models["fp32"], "tflite")
 
@@ -192,6 +248,7 @@ _BLOCKED_RUN = textwrap.dedent("""
 
     sys.meta_path.insert(0, Block())
     import promptseg.runtime.backends.onnxrt, promptseg.runtime.backends.tensorrt, promptseg.runtime.bench
+    import promptseg.runtime.backends.openvino
     import promptseg.runtime.compare, promptseg.runtime.cuda_memory, promptseg.runtime.sources, promptseg.runtime.video
     from promptseg.runtime.cli import infer
     from promptseg.runtime.infer import InferConfig, run_infer
@@ -222,8 +279,9 @@ def test_runtime_imports_and_infers_with_torch_blocked(models, tmp_path):
     assert Image.open(tmp_path / "api" / "masks" / "2.png").size == (40, 17)
 
 
-def test_cam_models_run_but_infer_wants_a_segmenter(models, tmp_path):
-    with open_runner(models["cam"]) as runner:
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_cam_models_run_but_infer_wants_a_segmenter(models, tmp_path, backend):
+    with open_runner(models["cam"], backend) as runner:
         out = runner.infer({"image": _image(1, 16, 16)})
     assert out["cams"].shape == (1, 2, 16, 16) and out["scores"].shape == (1, 2)
     assert out["cams"].min() >= 0 and 0 < out["scores"].min() <= out["scores"].max() < 1

@@ -45,16 +45,18 @@ def _save(nodes, initializers, outputs, meta: ModelMetadata, path: Path) -> Path
     return path
 
 
-def tiny_segmenter(path: Path, precision: str = "fp32", class_names=CLASSES, seed: int = 0) -> Path:
+def tiny_segmenter(path: Path, precision: str = "fp32", class_names=CLASSES, seed: int = 0,
+                   weight_levels: int = 127) -> Path:
     """A 3x3 conv to ``len(class_names)`` logits and an ArgMax: the SEGMENTER spec, dynamic N/H/W.
 
-    ``int8`` puts Q/DQ on the input and weights (as a calibrated export would); ``fp16`` computes in
-    float16 between casts (as an AutoCast export would; ONNX Runtime's CPU provider may lack it).
+    ``int8`` puts Q/DQ on the input and weights (as a calibrated export would), the weights in
+    ``-weight_levels..weight_levels``; ``fp16`` computes in float16 between casts (as an AutoCast
+    export would; ONNX Runtime's CPU provider may lack it).
     """
     weight, bias = _weights(len(class_names), seed)
     nodes, inits = [], []
     if precision == "int8":
-        scale = float(np.abs(weight).max() / 127)
+        scale = float(np.abs(weight).max() / weight_levels)
         inits += [numpy_helper.from_array(np.array(1 / 255, np.float32), "x_scale"),
                   numpy_helper.from_array(np.array(0, np.uint8), "x_zero"),
                   numpy_helper.from_array(np.round(weight / scale).astype(np.int8), "Wq"),

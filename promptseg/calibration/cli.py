@@ -10,15 +10,15 @@ from .config import CPU_CANDIDATE_NAMES, CalibrationConfig, Method, Target
 
 
 def _table(report: dict) -> str:
-    head = f"{'candidate':<16} {'ms/img':>8} {'ms b=1':>8} {'mIoU':>7} {'drop':>6} {'agree':>7}  gate"
+    head = f"{'candidate':<20} {'ms/img':>8} {'ms b=1':>8} {'mIoU':>7} {'drop':>6} {'agree':>7}  gate"
     lines = [head, "-" * len(head)]
     for row in report["candidates"]:
         if "error" in row:
-            lines.append(f"{row['name']:<16} failed to build: {row['error'][:80]}")
+            lines.append(f"{row['name']:<20} not run: {row['error'][:80]}")
             continue
         miou = "-" if row["miou"] is None else f"{row['miou']:.2f}"
         mark = "chosen" if row["chosen"] else ("pass" if row["passed"] else "FAIL")
-        lines.append(f"{row['name']:<16} {row['latency_ms']:>8.3f} {row['latency_ms_batch1']:>8.3f} {miou:>7} "
+        lines.append(f"{row['name']:<20} {row['latency_ms']:>8.3f} {row['latency_ms_batch1']:>8.3f} {miou:>7} "
                      f"{row['miou_drop']:>6.2f} {100 * row['label_agreement']:>6.2f}%  {mark}")
     return "\n".join(lines)
 
@@ -38,7 +38,8 @@ def _table(report: dict) -> str:
 @click.option("--method", type=click.Choice([m.value for m in Method]), default="minmax", show_default=True)
 @click.option("--percentile", default=99.999, show_default=True, help="For --method percentile.")
 @click.option("--target", type=click.Choice([t.value for t in Target]), default="tensorrt", show_default=True,
-              help="tensorrt: symmetric int8 QDQ for TensorRT; cpu: the fastest model ONNX Runtime's CPU runs here.")
+              help="tensorrt: symmetric int8 QDQ for TensorRT; cpu: the fastest model this CPU runs (ONNX "
+                   "Runtime; OpenVINO too with the openvino extra).")
 @click.option("--max-drop", default=1.0, show_default=True, help="mIoU points INT8 may lose against FP32.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Output folder [default: MODEL's folder/calibration-TARGET].")

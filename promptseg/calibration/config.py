@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,38 +23,59 @@ class Target(str, enum.Enum):
     """Who runs the INT8 model."""
 
     TENSORRT = "tensorrt"  # explicit-quantization QDQ ONNX that TensorRT builds INT8 engines from
-    CPU = "cpu"  # whatever ONNX Runtime's CPU provider runs fastest here, FP32 included
+    CPU = "cpu"  # whatever runs fastest on this CPU: ONNX Runtime's provider (OpenVINO too when installed)
 
 
 @dataclass(frozen=True)
 class CpuCandidate:
-    """One way of running the model on ONNX Runtime's CPU provider.
+    """One way of running the model on this CPU.
 
     ``format``: ``fp32`` (the model as exported), ``qoperator`` (QLinearConv & co., ONNX Runtime
-    only) or ``qdq`` (QuantizeLinear/DequantizeLinear pairs that the CPU provider fuses).
-    ``activation``: ``u8`` (asymmetric uint8) or ``s8`` (symmetric int8); weights are always
-    symmetric per-channel int8. ``ops``: ``all`` (every op type ONNX Runtime can quantize) or
-    ``conv`` (Conv/MatMul/Gemm only, everything between them stays float).
+    only), ``qdq`` (QuantizeLinear/DequantizeLinear pairs that the runtime fuses) or ``nncf`` (NNCF's
+    QDQ model). ``activation``: ``u8`` (asymmetric uint8) or ``s8`` (symmetric int8); weights are
+    always symmetric per-channel int8. ``ops``: ``all`` (every op type ONNX Runtime can quantize) or
+    ``conv`` (Conv/MatMul/Gemm only, everything between them stays float). ``backend`` runs it,
+    at ``precision`` (OpenVINO's ``bf16``; None: the graph's).
     """
 
     name: str
     format: str
     activation: str | None = None
     ops: str | None = None
+    backend: str = "onnxruntime"
+    precision: str | None = None
 
     @property
     def is_fp32(self) -> bool:
         return self.format == "fp32"
 
+    @property
+    def is_reference(self) -> bool:
+        """FP32 on ONNX Runtime: what every other candidate is gated and timed against."""
+        return self.name == "fp32"
 
-CPU_CANDIDATES: tuple[CpuCandidate, ...] = (
+
+ONNXRUNTIME_CANDIDATES: tuple[CpuCandidate, ...] = (
     CpuCandidate("fp32", "fp32"),
     *(CpuCandidate(f"{short}-{act}-{ops}", fmt, act, ops)
       for fmt, short in (("qoperator", "qop"), ("qdq", "qdq"))
       for act in ("u8", "s8")
       for ops in ("all", "conv")),
 )
+# OpenVINO on the same FP32 ONNX (bf16 where the CPU has it), on ONNX Runtime's QDQ models and on NNCF's
+OPENVINO_CANDIDATES: tuple[CpuCandidate, ...] = (
+    CpuCandidate("openvino-fp32", "fp32", backend="openvino"),
+    CpuCandidate("openvino-bf16", "fp32", backend="openvino", precision="bf16"),
+    *(CpuCandidate(f"openvino-qdq-{act}-all", "qdq", act, "all", backend="openvino") for act in ("u8", "s8")),
+    *(CpuCandidate(f"nncf-{act}", "nncf", act, backend="openvino") for act in ("u8", "s8")),
+)
+CPU_CANDIDATES = ONNXRUNTIME_CANDIDATES + OPENVINO_CANDIDATES
 CPU_CANDIDATE_NAMES: tuple[str, ...] = tuple(c.name for c in CPU_CANDIDATES)
+
+
+def openvino_installed() -> bool:
+    """Whether the ``[openvino]`` extra (OpenVINO and NNCF) is importable."""
+    return all(importlib.util.find_spec(name) is not None for name in ("openvino", "nncf"))
 
 
 @dataclass(frozen=True)
@@ -123,9 +145,16 @@ class CalibrationConfig:
         if unknown or not self.cpu_candidates:
             raise ConfigError(f"cpu_candidates: got {list(self.cpu_candidates)} | expected a non-empty subset of "
                               f"{', '.join(CPU_CANDIDATE_NAMES)}")
+        asked = [c.name for c in OPENVINO_CANDIDATES if c.name in self.cpu_candidates]
+        if asked and self.cpu_candidates != CPU_CANDIDATE_NAMES and not openvino_installed():
+            raise ConfigError(f"cpu_candidates: {', '.join(asked)} need openvino and nncf | `pip install "
+                              f"promptseg[openvino]`")
 
     @property
     def candidates(self) -> tuple[CpuCandidate, ...]:
-        """The CPU candidates to try, FP32 always among them (it is what INT8 has to beat)."""
+        """The CPU candidates to try, FP32 always among them (it is what INT8 has to beat); by default
+        OpenVINO's only where it is installed."""
         wanted = set(self.cpu_candidates) | {"fp32"}
+        if self.cpu_candidates == CPU_CANDIDATE_NAMES and not openvino_installed():
+            wanted -= {c.name for c in OPENVINO_CANDIDATES}
         return tuple(c for c in CPU_CANDIDATES if c.name in wanted)

@@ -32,6 +32,7 @@ from ..runtime.spec import read_metadata
 from .config import CalibrationConfig, Target
 from .gate import evaluate, measure_latency, ort_session
 from .images import ImageBatches, select_images
+from .openvino import OpenvinoSession, quantize_nncf
 from .quantize import compute_ranges, quantization_record, quantize_cpu, quantize_tensorrt
 
 TENSORRT_CANDIDATE = "tensorrt-qdq-s8"
@@ -65,7 +66,9 @@ def _rows(built: dict[str, dict], scores: dict, latency: dict, cfg: CalibrationC
     fp32 = scores["fp32"]
     rows = []
     for name, entry in built.items():
-        row = {"name": name, "format": entry["format"], "activation": entry["activation"], "ops": entry["ops"]}
+        row = {"name": name, "format": entry["format"], "activation": entry["activation"], "ops": entry["ops"],
+               "backend": entry.get("backend", "onnxruntime"),
+               "precision": entry.get("precision") or ("fp32" if entry["format"] == "fp32" else "int8")}
         if "error" in entry:
             rows.append({**row, "error": entry["error"], "passed": False})
             continue
@@ -108,8 +111,9 @@ def _decide(rows: list[dict], cfg: CalibrationConfig) -> tuple[str | None, dict 
                         f"and within {cfg.max_drop} mIoU points")
             else:
                 chosen = "fp32"
-                note = (f"INT8 cannot beat FP32 on this CPU: the fastest INT8 candidate that passed the gate "
-                        f"({best_int8['name']}, {best_int8['latency_ms']:.3f} ms/image) is not "
+                note = (f"INT8 cannot beat FP32 on this CPU: the fastest candidate that passed the gate "
+                        f"({best_int8['name']}: {best_int8['precision']} on {best_int8['backend']}, "
+                        f"{best_int8['latency_ms']:.3f} ms/image) is not "
                         f"{cfg.min_speedup}x faster than FP32 ({fp32_ms:.3f} ms/image); keeping FP32")
     if chosen is None:
         reason = "no INT8 candidate" if cfg.target is Target.CPU else "the INT8 model"
@@ -176,24 +180,35 @@ def calibrate(cfg: CalibrationConfig, log: Callable[[str], None] | None = None) 
             built[TENSORRT_CANDIDATE] = {"path": path, "format": "qdq", "activation": "s8", "ops": "tensorrt"}
         else:
             for candidate in cfg.candidates:
-                if candidate.is_fp32:
+                if candidate.is_reference:
                     continue
-                say(f"quantising CPU candidate {candidate.name}")
-                path = tmp / f"{candidate.name}.onnx"
+                say(f"preparing CPU candidate {candidate.name}")
+                path = fp32_path if candidate.is_fp32 else tmp / f"{candidate.name}.onnx"
                 extra = {"precision": "int8", "quantization": quantization_record(
                     target="cpu", format=candidate.format, activation=candidate.activation, ops=candidate.ops,
-                    weights="s8 per-channel", **record)}
+                    weights="s8 per-channel", backend=candidate.backend, **record)}
                 entry = {"path": path, "format": candidate.format, "activation": candidate.activation,
-                         "ops": candidate.ops}
+                         "ops": candidate.ops, "backend": candidate.backend, "precision": candidate.precision}
                 try:
-                    quantize_cpu(candidate, fp32_path, path, ort_cache, ranges, extra)
-                except Exception as exc:  # a form ONNX Runtime cannot build is a row of the table, not the end
+                    if candidate.format == "nncf":
+                        quantize_nncf(fp32_path, path, calib, candidate.activation, extra)
+                    elif not candidate.is_fp32:
+                        quantize_cpu(candidate, fp32_path, path, ort_cache, ranges, extra)
+                except Exception as exc:  # a form a quantizer cannot build is a row of the table, not the end
                     entry["error"] = f"{type(exc).__name__}: {exc}"
                 built[candidate.name] = entry
         timings["quantization_s"] = time.perf_counter() - t
 
-        runnable = {name: e for name, e in built.items() if "error" not in e}
-        sessions = {name: ort_session(e["path"], cfg.threads) for name, e in runnable.items()}
+        sessions = {}
+        for name, entry in built.items():
+            if entry.get("backend") == "openvino" and "error" not in entry:
+                try:  # bf16 where the CPU has no bf16 units is a row that says so, not a second fp32 timing
+                    sessions[name] = OpenvinoSession(entry["path"], cfg.threads, entry["precision"])
+                    entry["precision"] = sessions[name].runner.precision  # what the compiled model runs
+                except PromptsegError as exc:
+                    entry["error"] = str(exc)
+            elif "error" not in entry:
+                sessions[name] = ort_session(entry["path"], cfg.threads)
         say(f"accuracy gate on {len(gate.refs)} held-out images ({len(sessions)} models)")
         t = time.perf_counter()
         scores = evaluate(sessions, gate, num_classes, input_name=input_name, labels_name=labels_name)
@@ -207,9 +222,14 @@ def calibrate(cfg: CalibrationConfig, log: Callable[[str], None] | None = None) 
         load_after = os.getloadavg()[0]
         timings["latency_s"] = time.perf_counter() - t
 
+        openvino_version = next((s.version for s in sessions.values() if isinstance(s, OpenvinoSession)), None)
         rows = _rows(built, scores, latency, cfg, with_gt)
         chosen, best_int8, note = _decide(rows, cfg)
         passed = chosen is not None
+        chosen_row = next((r for r in rows if r["name"] == chosen), None)
+        if chosen_row is not None and chosen_row["backend"] == "openvino":
+            note += (f"; run {target_file.name} with --backend openvino"
+                     + (f" --precision {chosen_row['precision']}" if chosen_row["precision"] == "bf16" else ""))
 
         report = {
             "method": cfg.method.value,
@@ -220,7 +240,8 @@ def calibrate(cfg: CalibrationConfig, log: Callable[[str], None] | None = None) 
             "model_sha256": model_sha,
             "output": target_file.name if passed else None,
             "chosen": chosen,
-            "precision": None if chosen is None else ("fp32" if chosen == "fp32" else "int8"),
+            "precision": None if chosen_row is None else chosen_row["precision"],
+            "backend": None if chosen_row is None else chosen_row["backend"],
             "gate_passed": passed,
             "note": note,
             "max_drop": cfg.max_drop,
@@ -239,7 +260,8 @@ def calibrate(cfg: CalibrationConfig, log: Callable[[str], None] | None = None) 
             "latency": {"unit": "ms per image: latency_ms median (the choice), latency_ms_min fastest run, "
                                 "latency_ms_batch1 median at batch 1", "batch": cfg.latency_batch,
                         "input_size": list(meta.input_size), "threads": cfg.threads, "runs": cfg.latency_runs,
-                        "runtime": f"onnxruntime {onnxruntime.__version__} CPUExecutionProvider",
+                        "runtime": f"onnxruntime {onnxruntime.__version__} CPUExecutionProvider"
+                                   + (f"; openvino {openvino_version} CPU plugin" if openvino_version else ""),
                         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
                         "cpu_count": os.cpu_count(), "load_average_1min": [round(load_before, 2),
                                                                            round(load_after, 2)],

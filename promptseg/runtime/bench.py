@@ -132,6 +132,7 @@ def child_main(t0: float, args: dict) -> None:
         row = measure(runner, args["batch"], args["warmup"], args["iters"])
         row["providers"] = getattr(runner, "providers", [])
         row["precision"] = runner.precision  # what ran: a TensorRT engine built fp16 from an fp32 ONNX says fp16
+        row["precision_note"] = runner.precision_note  # e.g. bf16 asked for on a CPU without bf16 units
         runner.deactivate()
     except PromptsegError as exc:
         print(f"Error: {exc}", file=sys.stderr)
@@ -195,14 +196,33 @@ def run_bench(cfg: BenchConfig, progress: Callable[[int], None] | None = None) -
     return rows
 
 
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux; ``platform.processor()`` elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def host_info() -> dict:
     """What the figures were measured on, including the load average at the end of the run."""
+    from importlib.metadata import PackageNotFoundError, version
+
     import onnxruntime
 
+    try:
+        openvino = version("openvino")
+    except PackageNotFoundError:
+        openvino = None
     load = os.getloadavg() if hasattr(os, "getloadavg") else None  # other work on the machine skews the tails
     return {"machine": platform.machine(), "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "load_average_1_5_15": load, "python": platform.python_version(),
-            "numpy": np.__version__, "onnxruntime": onnxruntime.__version__}
+            "cpu": cpu_name(), "cpu_count": os.cpu_count(), "load_average_1_5_15": load,
+            "python": platform.python_version(), "numpy": np.__version__, "onnxruntime": onnxruntime.__version__,
+            "openvino": openvino}
 
 
 _COLUMNS = (("model", "model", "{}"), ("backend", "backend", "{}"), ("precision", "prec", "{}"),

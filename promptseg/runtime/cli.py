@@ -15,7 +15,7 @@ import click
 
 from ..errors import PromptsegError
 from .backends import BACKENDS, BackendOptions
-from .precision import PRECISIONS
+from .precision import PRECISIONS, RUN_PRECISIONS
 from .spec import OVERLAY_FORMATS
 
 _MODEL = click.Path(exists=True, dir_okay=False, path_type=Path)
@@ -32,8 +32,9 @@ def _backend_options(f):
                      help="ONNX Runtime providers, comma-separated (tensorrt, cuda, cpu) or 'auto' for all present."),
         click.option("--threads", type=click.IntRange(min=1),
                      help="ONNX Runtime intra-op threads [default: all cores]."),
-        click.option("--precision", type=click.Choice(PRECISIONS),
-                     help="TensorRT engine precision [default: the ONNX graph's own]."),
+        click.option("--precision", type=click.Choice(RUN_PRECISIONS),
+                     help="TensorRT engine (fp32, fp16, int8) or OpenVINO (fp32, bf16 where the CPU has it, int8) "
+                          "precision; ONNX Runtime runs the graph as it is [default: the ONNX graph's own]."),
         click.option("--cache-dir", type=click.Path(file_okay=False),
                      help="TensorRT engine cache [default: engines/ beside the model]."),
     ]
@@ -126,6 +127,8 @@ def infer(model, more_inputs, inputs, out, backend, batch, overlay, overlay_form
     skipped = summary.get("video", {}).get("failed_to_decode")
     if skipped:
         click.echo(f"warning: {skipped} packets of the video could not be decoded and were skipped", err=True)
+    if summary["precision_note"]:
+        click.echo(f"note: {summary['precision_note']}", err=True)
     total = summary["succeeded"] + summary["failed"]
     timing = summary["timing_ms"]
     stages = ", ".join(f"{k} {v['p50']:.1f}" for k, v in timing.items())
@@ -184,6 +187,10 @@ def bench(models, backends, batches, warmup, iters, inputs, overlay, workers, ma
     with click.progressbar(length=len(models) * len(backends) * len(batches), label="bench", file=sys.stderr) as bar:
         rows = run_bench(cfg, progress=bar.update)
     click.echo(format_table(rows))
+    for row in rows:
+        if row.get("precision_note"):
+            click.echo(f"note: {Path(row['model']).name} on {row['backend']}, batch {row['batch']}: "
+                       f"{row['precision_note']}")
     json_path, png_path = write_results(rows, out)
     click.echo(f"wrote {json_path} and {png_path}")
 
@@ -218,6 +225,9 @@ def compare(model_a, model_b, data, split, limit, batch, backend_a, backend_b, o
                f"{100 * report['label_agreement']:.2f}%")
     click.echo(f"mIoU  A {100 * a['miou']:.1f} ({a['precision']})  B {100 * b['miou']:.1f} ({b['precision']})  "
                f"delta {100 * report['miou_delta']:+.1f}")
+    for tag, model in (("A", a), ("B", b)):
+        if model["precision_note"]:
+            click.echo(f"note: {tag}: {model['precision_note']}")
     if out is not None:
         write_json_atomic(out, report)
         click.echo(f"wrote {out}")

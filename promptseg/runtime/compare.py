@@ -87,6 +87,7 @@ def compare_models(cfg: CompareConfig) -> dict:
                   "label_agreement": agree / pixels}
         for tag, runner, backend in (("a", run_a, cfg.backend_a), ("b", run_b, cfg.backend_b)):
             report[f"model_{tag}"] = {"path": str(Path(runner.model_path)), "backend": backend,
-                                      "precision": runner.precision, **matrices[tag].summary(names)}
+                                      "precision": runner.precision, "precision_note": runner.precision_note,
+                                      **matrices[tag].summary(names)}
     report["miou_delta"] = report["model_b"]["miou"] - report["model_a"]["miou"]
     return report

@@ -322,10 +322,11 @@ def run_infer(cfg: InferConfig, progress: Callable[[int], None] | None = None,
                 source.close()
         if video is not None:
             video.close()
-        precision = runner.precision
+        precision, precision_note = runner.precision, runner.precision_note
     seconds = perf_counter() - started
     succeeded = len(per_frame["graph"])
-    summary = {"model": str(cfg.model), "backend": cfg.backend, "precision": precision, "input": source.kind,
+    summary = {"model": str(cfg.model), "backend": cfg.backend, "precision": precision,
+               "precision_note": precision_note, "input": source.kind,
                "batch": cfg.batch, "workers": workers, "overlay": cfg.overlay,
                "succeeded": succeeded, "failed": len(failed_reasons), "seconds": round(seconds, 4),
                "inference_seconds": round(graph_seconds, 4),

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from ..errors import PromptsegError
 
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS = ("fp32", "fp16", "int8")  # what a graph (or a TensorRT engine) can be
+# what a backend may be asked to run at: OpenVINO adds bf16, a compute precision of the CPU, not of the graph
+RUN_PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 
 # Q/DQ pairs (TensorRT's explicit quantization) and ONNX Runtime's QOperator forms both mean int8.
 _INT8_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "ConvInteger",
@@ -42,9 +44,9 @@ def model_precision(path) -> str:
     return graph_precision(model)
 
 
-def check_precision(precision: str) -> str:
-    if precision not in PRECISIONS:
-        raise PromptsegError(f"precision: got {precision!r} | expected one of {', '.join(PRECISIONS)}")
+def check_precision(precision: str, allowed: tuple[str, ...] = PRECISIONS, where: str = "") -> str:
+    if precision not in allowed:
+        raise PromptsegError(f"precision: got {precision!r} | expected one of {', '.join(allowed)}{where}")
     return precision
 
 

@@ -1,4 +1,4 @@
-"""Backends: one :class:`~.base.Runner` interface over ONNX Runtime and TensorRT.
+"""Backends: one :class:`~.base.Runner` interface over ONNX Runtime, TensorRT and OpenVINO.
 
 ``open_runner(model, backend, options)`` returns an inactive runner; nothing heavy is imported until
 it is activated, so choosing a backend costs no import of the other.
@@ -9,7 +9,7 @@ from __future__ import annotations
 from ...errors import PromptsegError
 from .base import BackendOptions, InferenceError, Runner, check_feed
 
-BACKENDS = ("onnxruntime", "tensorrt")
+BACKENDS = ("onnxruntime", "tensorrt", "openvino")
 
 __all__ = ["BACKENDS", "BackendOptions", "InferenceError", "Runner", "check_feed", "import_backend", "open_runner"]
 
@@ -27,6 +27,10 @@ def open_runner(model, backend: str = "onnxruntime", options: BackendOptions | N
         from .onnxrt import OnnxrtRunner
 
         return OnnxrtRunner(model, providers=options.ort_providers, threads=options.threads)
+    if backend == "openvino":
+        from .openvino import OpenvinoRunner
+
+        return OpenvinoRunner(model, options)
     from .tensorrt import TrtRunner
 
     return TrtRunner(model, options)
@@ -37,6 +41,10 @@ def import_backend(backend: str) -> None:
     _check_backend(backend)
     if backend == "onnxruntime":
         import onnxruntime  # noqa: F401
+    elif backend == "openvino":
+        from .openvino import import_openvino
+
+        import_openvino()
     else:
         from .tensorrt import import_tensorrt
 

@@ -34,7 +34,8 @@ class BackendOptions:
     ONNX Runtime: ``providers`` (short names or ``("auto",)``), ``threads``. TensorRT, when given an
     ONNX file: ``precision`` (None: the graph's), ``profile`` (None: batch 1..``max_batch``, sides
     ``MIN_SIDE``..``max_side``, tuned for the metadata's input size), ``workspace_mib``, ``cache_dir``
-    (None: ``engines/`` beside the model), ``timing_cache``.
+    (None: ``engines/`` beside the model), ``timing_cache``. OpenVINO: ``precision`` (None: the graph's;
+    ``bf16`` where the CPU has it), ``threads``.
     """
 
     providers: tuple[str, ...] = ("cpu",)
@@ -180,6 +181,11 @@ class Runner(abc.ABC):
     def precision(self) -> str:
         """``fp32``/``fp16``/``int8``, read from the graph."""
         return model_precision(self.model_path)
+
+    @property
+    def precision_note(self) -> str:
+        """Why :attr:`precision` differs from what was asked (bf16 on a CPU without it), "" when it does not."""
+        return ""
 
     def shape_bounds(self, name: str) -> Bounds | None:
         """Inclusive ``(min, max)`` input shape the backend can run, where it has one."""
