@@ -34,7 +34,14 @@ import numpy as np
 from ..errors import PromptsegError
 from ..io import atomic_write, write_bytes_atomic, write_json_atomic
 from .backends import BACKENDS, BackendOptions, open_runner
-from .processing import encode_mask_png, stack_batch, tint_in_place, tint_yuv420_in_place, upsample_labels
+from .processing import (
+    encode_mask_png,
+    present_classes,
+    stack_batch,
+    tint_in_place,
+    tint_yuv420_in_place,
+    upsample_labels,
+)
 from .sources import Frame, ImageFiles, VideoSource, collect_inputs, is_video
 from .spec import OVERLAY_FORMATS
 from .video import VideoWriter
@@ -213,7 +220,7 @@ class _Outputs:
         mask_path = self.out / "masks" / f"{frame.name}.png"
         write_bytes_atomic(mask_path, encode_mask_png(labels, self.meta.palette))
         record = {"mask": str(mask_path), "size_wh": [width, height],
-                  "classes": [self.meta.class_names[c] for c in np.bincount(labels.ravel()).nonzero()[0].tolist()]}
+                  "classes": present_classes(labels, self.meta.class_names)}
         if overlay is not None and self.video is None:
             suffix = "jpg" if self.cfg.overlay_format == "jpeg" else "png"
             path = self.out / "overlays" / f"{frame.name}.{suffix}"
