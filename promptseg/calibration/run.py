@@ -121,9 +121,9 @@ def _decide(rows: list[dict], cfg: CalibrationConfig) -> tuple[str | None, dict 
                         f"({best_int8['name']}, {best_int8['latency_ms']:.3f} ms/image) is not "
                         f"{cfg.min_speedup}x faster than FP32 ({fp32_ms:.3f} ms/image); keeping FP32")
     if chosen is None:
-        reason = "no INT8 candidate" if cfg.target is Target.CPU else "the INT8 model"
+        reason = "no INT8 candidate stays" if cfg.target is Target.CPU else "the INT8 model does not stay"
         best = min((r["miou_drop"] for r in int8_rows), default=float("nan"))
-        note = f"{reason} stays within {cfg.max_drop} mIoU points of FP32 (best drop {best:.2f}); no model written"
+        note = f"{reason} within {cfg.max_drop} mIoU points of FP32 (best drop {best:.2f}); no model written"
     for r in rows:
         r["chosen"] = r["name"] == chosen
     return chosen, best_int8, note
