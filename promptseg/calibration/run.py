@@ -219,20 +219,23 @@ def calibrate(cfg: CalibrationConfig, log: Callable[[str], None] | None = None) 
                 "fp32": {"model": fp32_path, "format": "fp32", "activation": None, "ops": None},
                 TENSORRT_CANDIDATE: {"model": final.built.model, "format": "qdq", "activation": "s8",
                                      "ops": "tensorrt"}}
-            chain = {f"step:{s.name}": s.built.model for s in repair.steps if s.kept}
+            # the kept steps' graphs, timed beside the shipped one (the last kept step) for their CPU cost
+            chain = {f"step:{s.name}": s.built.model for s in repair.steps if s.kept and s is not final}
+            known = {TENSORRT_CANDIDATE: final.score}
             timings["repair_s"] = time.perf_counter() - t
         else:
             ranges = compute_ranges(fp32_path, calib, cfg.method, cfg.percentile, False, tmp)
             timings["calibration_s"] = time.perf_counter() - t
             t = time.perf_counter()
             built = _cpu_candidates(cfg, fp32_path, ranges, tmp, record, say)
-            qdq_summary, chain = None, {}
+            qdq_summary, chain, known = None, {}, {}
             timings["quantization_s"] = time.perf_counter() - t
 
         runnable = {name: e for name, e in built.items() if "error" not in e}
         sessions = {name: ort_session(e["model"], cfg.threads) for name, e in runnable.items()}
         t = time.perf_counter()
-        scores = {name: gate.reference if name == "fp32" else gate.score(e["model"]) for name, e in runnable.items()}
+        scores = {name: gate.reference if name == "fp32" else known.get(name) or gate.score(e["model"])
+                  for name, e in runnable.items()}
         timings["gate_s"] = time.perf_counter() - t
 
         say(f"latency: 2 blocks of {cfg.latency_runs} runs per model, {cfg.threads} threads")
@@ -248,8 +251,8 @@ def calibrate(cfg: CalibrationConfig, log: Callable[[str], None] | None = None) 
         chosen, best_int8, note = _decide(rows, cfg)
         passed = chosen is not None
         if repair_report:
-            repair_report["steps"] = _step_rows(repair.steps, latency, cfg, gate)
-            note = _repair_note(repair_report, passed, note)
+            repair_report["steps"] = _step_rows(repair.steps, final, latency, cfg, gate)
+            note = _repair_note(repair_report, note, cfg.repair)
         report = {
             "kind": meta.kind,
             "method": cfg.method.value,
@@ -349,31 +352,38 @@ def _cpu_candidates(cfg: CalibrationConfig, fp32_path: Path, ranges, tmp: Path, 
     return built
 
 
-def _step_rows(steps, latency: dict, cfg: CalibrationConfig, gate: Gate) -> list[dict]:
+def _step_rows(steps, final, latency: dict, cfg: CalibrationConfig, gate: Gate) -> list[dict]:
     """The repair's steps for the report, each with its CPU latency (kept steps) and its cost over plain."""
-    plain_ms = latency["step:plain"][cfg.latency_batch]["median"]
+    def timing(step):
+        return latency[TENSORRT_CANDIDATE] if step is final else latency.get(f"step:{step.name}")
+
+    plain_ms = timing(steps[0])[cfg.latency_batch]["median"]
     rows = []
     for step in steps:
         row = step.row(gate)
-        timing = latency.get(f"step:{step.name}") if step.kept else None
-        if timing is not None:
-            ms = timing[cfg.latency_batch]["median"]
+        timing_ms = timing(step) if step.kept else None
+        if timing_ms is not None:
+            ms = timing_ms[cfg.latency_batch]["median"]
             row.update(latency_ms=round(ms, 3), latency_cost_ms=round(ms - plain_ms, 3))
         rows.append(row)
     return rows
 
 
-def _repair_note(repair: dict, passed: bool, note: str) -> str:
-    """One line for the user: which layer breaks INT8, and what was done about it."""
-    culprit = repair.get("culprit")
+def _repair_note(repair: dict, note: str, repaired: bool) -> str:
+    """One line for the user: which layer breaks INT8 (or is the most sensitive), and what was done about it."""
+    culprit = repair["culprit"]
     if culprit is None:
         return note
     gate = culprit["gate"] or {}
     plain = repair["steps"][0]
     what = (f"{'most sensitive layer' if plain['passed'] else 'the layer that breaks INT8'}: {culprit['layer']} "
-            f"({culprit['op']} reading "
-            f"{', '.join(culprit['activations']) or 'weights only'}"
+            f"({culprit['op']} reading {', '.join(culprit['activations']) or 'weights only'}"
             + (f"; quantised alone it costs {gate['only_quantised_drop']:.2f}" if gate else "") + ")")
     done = [f"{r.get('layer', r.get('tensor'))}: {r['action']}" for r in repair["repairs"]]
-    return "; ".join(part for part in (note, what, f"repairs: {'; '.join(done[:6])}" if done else
-                                       "every layer INT8") if part)
+    if done:
+        outcome = f"repairs: {'; '.join(done[:6])}"
+    elif plain["passed"]:
+        outcome = "every layer INT8"
+    else:
+        outcome = "no repair tried (--no-repair)" if not repaired else "no repair found"
+    return "; ".join(part for part in (note, what, outcome) if part)
