@@ -263,7 +263,7 @@ def run_pipeline(cfg: PipelineConfig, show_progress: bool = True) -> dict:
     _latency_plot(report, out / "latency_vs_miou.png")
     write_json_atomic(out / "report.json", report)
     write_text_atomic(out / "report.md", render_markdown(report))
-    if not report["calibration"]["tensorrt"]["gate_passed"] or not report["calibration"]["cpu"]["gate_passed"]:
+    if not all(cal["gate_passed"] for cal in report["calibration"].values()):
         raise PromptsegError(f"INT8 accuracy gate failed (see {out / 'report.md'})")
     return report
 
@@ -400,12 +400,17 @@ def _deploy_stages(cfg: PipelineConfig, out: Path, data_dir: Path, timings: dict
     export = _stage("export", out / "export", export_cfg, lambda _: export_run(export_cfg), timings,
                     (out / f"seg_{ship}" / "segmenter.pt", out / ship / "cam_net.pt"), "export_report.json")
     segmenter = out / "export" / "segmenter.onnx"
+    cam = out / "export" / "cam.onnx"
     calibration = {}
-    for target in ("tensorrt", "cpu"):
-        cal_cfg = CalibrationConfig(model=str(segmenter), out=str(out / f"int8_{target}"), data=str(data_dir),
+    # both networks ship in INT8: the segmenter for TensorRT and this CPU, the CAM network for TensorRT,
+    # gated on its pseudo-masks at the CAM run's threshold
+    for key, model, target in (("tensorrt", segmenter, "tensorrt"), ("cpu", segmenter, "cpu"),
+                               ("cam_tensorrt", cam, "tensorrt")):
+        cal_cfg = CalibrationConfig(model=str(model), out=str(out / f"int8_{key}"), data=str(data_dir),
                                     split=cfg.train_split, gate_split=cfg.val_split, num=cfg.calibration_images,
                                     method=cfg.calibration_method, target=target, max_drop=cfg.max_drop,
-                                    threads=cfg.threads)
+                                    threads=cfg.threads, cam_threshold=None if model == segmenter else
+                                    read_json(out / ship / "report.json")["background_threshold"])
 
         def calibrate_or_record(_, c=cal_cfg):
             try:
@@ -413,10 +418,10 @@ def _deploy_stages(cfg: PipelineConfig, out: Path, data_dir: Path, timings: dict
             except CalibrationGateError as exc:  # the report is written; the pipeline reports it at the end
                 return exc.report
 
-        calibration[target] = _stage(f"int8_{target}", out / f"int8_{target}", cal_cfg, calibrate_or_record,
-                                     timings, (segmenter,), "calibration_report.json")
+        calibration[key] = _stage(f"int8_{key}", out / f"int8_{key}", cal_cfg, calibrate_or_record,
+                                  timings, (model,), "calibration_report.json")
     models = [str(segmenter)] + [str(out / f"int8_{t}" / r["output"]) for t, r in calibration.items()
-                                 if r.get("output") and r.get("precision") == "int8"]
+                                 if r.get("output") and r.get("precision") == "int8" and r.get("kind") != "cam"]
     bench_cfg = BenchConfig(models=tuple(models), batches=cfg.bench_batches, iters=cfg.bench_iters)
 
     def bench(_):

@@ -8,7 +8,7 @@ import importlib.util
 import numpy as np
 import onnx
 import pytest
-from test_calibration import FAST, _labels, _val_batch, calib_model  # noqa: F401 (calib_model: a fixture)
+from test_calibration import FAST, _labels, _val
 
 import promptseg.calibration.config as config
 from promptseg.calibration import CalibrationConfig, calibrate
@@ -22,8 +22,8 @@ needs_extra = pytest.mark.skipif(not HAVE_EXTRA, reason="openvino/nncf not insta
 OPENVINO_NAMES = {c.name for c in config.OPENVINO_CANDIDATES}
 
 
-def test_openvino_candidates_only_where_the_extra_is_installed(tiny_world, calib_model, monkeypatch):  # noqa: F811
-    options = {"model": str(calib_model), "out": "unused", "data": str(tiny_world), "target": "cpu"}
+def test_openvino_candidates_only_where_the_extra_is_installed(tiny_world, int8_segmenter, monkeypatch):
+    options = {"model": str(int8_segmenter), "out": "unused", "data": str(tiny_world), "target": "cpu"}
     monkeypatch.setattr(config, "openvino_installed", lambda: False)
     names = {c.name for c in CalibrationConfig(**options).candidates}
     assert "fp32" in names and "qdq-u8-all" in names and not names & OPENVINO_NAMES
@@ -35,32 +35,35 @@ def test_openvino_candidates_only_where_the_extra_is_installed(tiny_world, calib
 
 
 @needs_extra
-def test_nncf_quantizes_the_onnx_into_qdq_that_keeps_the_metadata(tiny_world, calib_model, tmp_path):  # noqa: F811
+def test_nncf_quantizes_the_onnx_into_qdq_that_keeps_the_metadata(tiny_world, int8_segmenter, tmp_path):
     from promptseg.calibration.openvino import quantize_nncf
 
-    meta = read_metadata(calib_model)
+    meta = read_metadata(int8_segmenter)
     selection = select_images(data=str(tiny_world), images=None, split="train", gate_split="val", num=8, gate_num=1,
                               class_names=meta.class_names[1:])
     out = tmp_path / "nncf.onnx"
-    model = quantize_nncf(calib_model, out, ImageBatches(selection.calibration, batch=8), "u8", {"note": "x"})
+    model = quantize_nncf(int8_segmenter, out, ImageBatches(selection.calibration, batch=8), "u8", {"note": "x"})
     ops = [n.op_type for n in model.graph.node]
-    assert ops.count("QuantizeLinear") > 20 and ops.count("DequantizeLinear") > ops.count("QuantizeLinear")
+    produced_by = {o: n.op_type for n in model.graph.node for o in n.output}
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    assert convs and all(produced_by.get(n.input[0]) == "DequantizeLinear" for n in convs)  # every Conv in int8
+    assert ops.count("DequantizeLinear") > ops.count("QuantizeLinear") > 0  # weights: DQ only
     assert ops[-1] == "ArgMax" and "QuantizeLinear" not in ops[-3:]  # the output tail stays float
     assert read_metadata(out) == meta.__class__(**{**meta.__dict__, "extra": {"note": "x"}})
     onnx.checker.check_model(onnx.load(str(out)))
-    x = _val_batch(tiny_world)
+    x = _val(tiny_world)[0][:8]
     with open_runner(out, "openvino") as runner:
         assert runner.precision == "int8"
         labels = runner.infer({"image": x})["labels"]
-    assert (labels == _labels(calib_model, x)).mean() > 0.9
+    assert (labels == _labels(int8_segmenter, x)).mean() > 0.9
 
 
 @needs_extra
-def test_cpu_target_gates_and_times_openvino_candidates_beside_onnxruntime(tiny_world, calib_model,  # noqa: F811
+def test_cpu_target_gates_and_times_openvino_candidates_beside_onnxruntime(tiny_world, int8_segmenter,
                                                                            tmp_path):
     """NNCF's own model is left to the test above (its bias correction alone takes 20 s here)."""
     candidates = ("openvino-fp32", "openvino-bf16", "openvino-qdq-u8-all")
-    report = calibrate(CalibrationConfig(model=str(calib_model), out=str(tmp_path / "cpu"), data=str(tiny_world),
+    report = calibrate(CalibrationConfig(model=str(int8_segmenter), out=str(tmp_path / "cpu"), data=str(tiny_world),
                                          target="cpu", cpu_candidates=candidates, max_drop=10.0, **FAST))
     rows = {r["name"]: r for r in report["candidates"]}
     assert set(rows) == {"fp32", *candidates}
@@ -89,8 +92,8 @@ def test_cpu_target_gates_and_times_openvino_candidates_beside_onnxruntime(tiny_
     if chosen["backend"] == "openvino":
         assert "with --backend openvino" in report["note"]
     written = tmp_path / "cpu" / "segmenter.cpu.onnx"
-    x = _val_batch(tiny_world)
+    x = _val(tiny_world)[0][:8]
     with open_runner(written, report["backend"]) as runner:
         labels = runner.infer({"image": x})["labels"]
-    assert (labels == _labels(calib_model, x)).mean() > 0.9
+    assert (labels == _labels(int8_segmenter, x)).mean() > 0.9
     assert np.isfinite(report["miou_fp32"])

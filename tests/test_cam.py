@@ -8,9 +8,10 @@ import torch
 
 import promptseg.train.cam_train as cam_train_mod
 from promptseg.errors import ConfigError
+from promptseg.runtime.processing import cams_to_mask
 from promptseg.train.cam_net import CamNet, CamNetConfig
 from promptseg.train.cam_train import train_cam
-from promptseg.train.cams import cams_to_mask, infer_cams, score_cams
+from promptseg.train.cams import infer_cams, score_cams
 from promptseg.train.config import CamTrainConfig
 
 

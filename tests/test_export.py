@@ -66,6 +66,9 @@ def test_metadata_round_trips_and_matches_the_run(tiny_demo, tiny_export):
     assert seg.class_names == ("background", *classes) and cam.class_names == classes
     assert seg.kind == "segmenter" and cam.kind == "cam" and seg.method == cam.method == "semples"
     assert seg.input_size == (64, 64)
+    # the CAM graph carries the run's background threshold (its INT8 gate makes pseudo-masks at it)
+    cam_report = json.loads((tiny_demo / "semples" / "report.json").read_text())
+    assert float(cam.extra["cam_threshold"]) == cam_report["background_threshold"] and "cam_threshold" not in seg.extra
     features = np.load(tiny_export / "text_features.npy")
     assert seg.text_features_sha256 == cam.text_features_sha256 == text_features_sha256(features)
     assert ModelMetadata.from_props(seg.to_props()) == seg

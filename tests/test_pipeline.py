@@ -51,7 +51,7 @@ def test_pipeline_report_holds_every_stage(tiny_demo):
     assert (tiny_demo / "pretrain" / "cams.png").is_file()  # pictures from val, which has ground truth
     assert "CAM network backbone: pretrained on the clip split." in (tiny_demo / "report.md").read_text()
     assert report["export"]["segmenter.onnx"]["parity"] == "passed"
-    assert set(report["calibration"]) == {"tensorrt", "cpu"}
+    assert set(report["calibration"]) == {"tensorrt", "cpu", "cam_tensorrt"}  # both networks ship in INT8
     assert {r["precision"] for r in report["bench"]} >= {"fp32"}
     markdown = (tiny_demo / "report.md").read_text()
     clip_run = json.loads((tiny_demo / "clip" / "report.json").read_text())

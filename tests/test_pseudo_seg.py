@@ -10,8 +10,8 @@ from PIL import Image
 
 from promptseg.data.voc import VOCDataset
 from promptseg.errors import ConfigError, DataError, PromptsegError
+from promptseg.runtime.processing import cams_to_mask
 from promptseg.train import pseudo
-from promptseg.train.cams import cams_to_mask
 from promptseg.train.checkpoint import load_checkpoint
 from promptseg.train.pseudo import PseudoMaskConfig, make_pseudo_masks
 from promptseg.train.seg import Segmenter, SegTrainConfig, train_segmenter

@@ -1,4 +1,5 @@
-"""INT8 calibration from real images: TensorRT-style QDQ, the fastest CPU model, and an accuracy gate.
+"""INT8 calibration from real images: TensorRT-style QDQ, the fastest CPU model, and an accuracy gate;
+for TensorRT, the layer that breaks INT8 named and repaired (equalisation, per-tensor ranges, float fallback).
 
 Public face: :class:`CalibrationConfig` (with :class:`Method`, :class:`Target`) and
 :func:`calibrate`; ``promptseg calibrate`` is the command line over them. Needs only the base

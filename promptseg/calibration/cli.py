@@ -23,6 +23,36 @@ def _table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _repair_table(repair: dict) -> str:
+    """The TensorRT repair's steps: drop, CPU latency, what each did."""
+    lines = [f"{'step':<14} {'drop':>6} {'ms/img':>8}  result"]
+    for step in repair["steps"]:
+        ms = f"{step['latency_ms']:.3f}" if "latency_ms" in step else "-"
+        result = ("pass" if step["passed"] else "FAIL") + ("" if step["kept"] else " (not kept)")
+        extra = step.get("layers") or [t["tensor"] + ": " + t["method"] for t in step.get("tensors", [])]
+        lines.append(f"{step['step']:<14} {step['drop']:>6.2f} {ms:>8}  {result}"
+                     + (f"  {', '.join(extra)}" if extra else ""))
+    counts = [f"{r['images']}: {r['drop_plain']:.2f} -> {r['drop_repaired']:.2f}"
+              for r in repair.get("calibration_images", []) if r["drop_plain"] is not None]
+    if counts:
+        lines.append("drop by calibration images (plain -> repaired): " + ", ".join(counts))
+    return "\n".join(lines)
+
+
+def _print(report: dict) -> None:
+    click.echo(_table(report))
+    if "repair" in report:
+        click.echo(_repair_table(report["repair"]))
+
+
+def _counts(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise click.BadParameter(f"got {text!r} | expected comma-separated counts, e.g. 16,64,256",
+                                 param_hint="--image-counts") from None
+
+
 @click.command("calibrate")
 @click.argument("model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--data", "data_dir", type=click.Path(exists=True, file_okay=False),
@@ -49,13 +79,23 @@ def _table(report: dict) -> str:
 @click.option("--latency-runs", default=20, show_default=True, help="Timed runs per candidate (median).")
 @click.option("--candidate", "candidates", multiple=True, type=click.Choice(CPU_CANDIDATE_NAMES),
               help="CPU target: try only these (repeatable; fp32 is always measured) [default: all].")
+@click.option("--keep-float", "keep_float", multiple=True, metavar="LAYER",
+              help="Keep this layer (ONNX node name, as in the report's sensitivity) out of INT8 (repeatable).")
+@click.option("--repair/--no-repair", default=True, show_default=True,
+              help="TensorRT: when plain INT8 fails the gate, equalise, re-range sensitive tensors, then keep "
+                   "the fewest sensitive layers float until it passes.")
+@click.option("--cam-threshold", type=float, default=None,
+              help="CAM graph: the background threshold of its pseudo-masks [default: recorded in the model].")
+@click.option("--image-counts", default="16,64,256", show_default=True,
+              help="TensorRT: report the gate's drop with these many calibration images (comma list; '' none).")
 def calibrate(model: Path, data_dir, split, gate_split, images_dir, num, gate_num, method, percentile, target,
-              max_drop, out, threads, batch, latency_batch, latency_runs, candidates) -> None:
-    """Quantise an exported segmenter to INT8 from real images and gate it on held-out images.
+              max_drop, out, threads, batch, latency_batch, latency_runs, candidates, keep_float, repair,
+              cam_threshold, image_counts) -> None:
+    """Quantise an exported segmenter or CAM graph to INT8 from real images and gate it on held-out images.
 
-    Writes MODEL_STEM.TARGET.onnx, calibration_cache.json (per-tensor ranges) and
-    calibration_report.json to --out. Exits non-zero when INT8 loses more than --max-drop mIoU
-    points against FP32 (the report is still written).
+    Writes MODEL_STEM.TARGET.onnx, calibration_cache.json (per-tensor ranges), calibration_report.json
+    and, for TensorRT, calibration_sensitivity.png (which layer breaks INT8) to --out. Exits non-zero
+    when INT8 loses more than --max-drop mIoU points against FP32 (the report is still written).
     """
     from .run import CalibrationGateError, output_name
     from .run import calibrate as run_calibration
@@ -64,14 +104,15 @@ def calibrate(model: Path, data_dir, split, gate_split, images_dir, num, gate_nu
     cfg = CalibrationConfig(model=str(model), out=str(out), data=data_dir, images=images_dir, split=split,
                             gate_split=gate_split, num=num, gate_num=gate_num, method=method, percentile=percentile,
                             target=target, max_drop=max_drop, threads=threads, batch=batch,
-                            latency_batch=latency_batch, latency_runs=latency_runs,
+                            latency_batch=latency_batch, latency_runs=latency_runs, keep_float=keep_float,
+                            repair=repair, cam_threshold=cam_threshold, image_counts=_counts(image_counts),
                             **({"cpu_candidates": tuple(candidates)} if candidates else {}))
     try:
         report = run_calibration(cfg, log=lambda message: click.echo(message, err=True))
     except CalibrationGateError as exc:
-        click.echo(_table(exc.report))
+        _print(exc.report)
         raise
-    click.echo(_table(report))
+    _print(report)
     if report["note"]:
         click.echo(report["note"])
     miou = "" if report["miou_fp32"] is None else \

@@ -101,6 +101,8 @@ class CalibrationConfig:
     percentile: float = 99.999  # for Method.PERCENTILE
     target: Target = Target.TENSORRT
     max_drop: float = 1.0  # mIoU points INT8 may lose against FP32
+    # without ground truth, also this share of the pixels either model calls foreground must keep its label
+    min_foreground_agreement: float = 0.9
     threads: int = 2  # ONNX Runtime intra-op threads for calibration, the gate and the latency
     batch: int = 16  # images per inference batch (same-size images only)
     max_side: int = 1024  # the runtime's host resize: longer side at most this (aspect kept)
@@ -108,6 +110,15 @@ class CalibrationConfig:
     latency_runs: int = 20  # timed runs per candidate (median reported)
     min_speedup: float = 1.05  # an INT8 CPU model must beat FP32 by this factor to replace it
     cpu_candidates: tuple[str, ...] = field(default=CPU_CANDIDATE_NAMES)
+    keep_float: tuple[str, ...] = ()  # layers (node names) pinned to float by hand
+    # TensorRT target: when plain INT8 fails the gate, equalise, give sensitive tensors a better range,
+    # then keep the fewest sensitive layers float, until it passes
+    repair: bool = True
+    cam_threshold: float | None = None  # CAM graph: background below this peak; None: the model's metadata
+    image_counts: tuple[int, ...] = (16, 64, 256)  # the gate's drop with this many calibration images (<= num)
+    proxy_images: int = 8  # calibration images the per-layer sensitivity proxy runs on
+    shortlist: int = 5  # the most sensitive layers (by the proxy) the real gate measures
+    max_float: int = 8  # most layers the repair may keep in float
 
     def __post_init__(self) -> None:
         # accept the CLI's strings; an unknown value is an error here, before anything runs
@@ -118,7 +129,8 @@ class CalibrationConfig:
             except ValueError:
                 choices = ", ".join(m.value for m in enum_type)
                 raise ConfigError(f"{name}: got {value!r} | expected one of {choices}") from None
-        object.__setattr__(self, "cpu_candidates", tuple(self.cpu_candidates))
+        for name in ("cpu_candidates", "keep_float", "image_counts"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
 
     def validate(self) -> None:
         """Check values and paths; raise :class:`ConfigError` naming the option."""
@@ -130,13 +142,22 @@ class CalibrationConfig:
             value = getattr(self, name)
             if value and not Path(value).is_dir():
                 raise ConfigError(f"{name}: {value} is not a directory")
-        for name in ("num", "gate_num", "threads", "batch", "latency_batch", "latency_runs"):
+        for name in ("num", "gate_num", "threads", "batch", "latency_batch", "latency_runs", "proxy_images"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: got {getattr(self, name)} | expected >= 1")
+        for name in ("shortlist", "max_float"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}: got {getattr(self, name)} | expected >= 0")
+        if any(n < 1 for n in self.image_counts):
+            raise ConfigError(f"image_counts: got {list(self.image_counts)} | expected counts >= 1")
+        if self.cam_threshold is not None and not 0.0 < self.cam_threshold < 1.0:
+            raise ConfigError(f"cam_threshold: got {self.cam_threshold} | expected in (0, 1) (CAMs are 0..1)")
         if not MIN_SIDE <= self.max_side <= MAX_SIDE:
             raise ConfigError(f"max_side: got {self.max_side} | expected {MIN_SIDE}..{MAX_SIDE} (the graph's sides)")
         if not self.max_drop >= 0:
             raise ConfigError(f"max_drop: got {self.max_drop} | expected >= 0 mIoU points")
+        if not 0.0 <= self.min_foreground_agreement <= 1.0:
+            raise ConfigError(f"min_foreground_agreement: got {self.min_foreground_agreement} | expected 0..1")
         if not 50.0 < self.percentile <= 100.0:
             raise ConfigError(f"percentile: got {self.percentile} | expected in (50, 100]")
         if not self.min_speedup >= 1.0:

@@ -42,6 +42,11 @@ class ImageRef:
     def has_mask(self) -> bool:
         return self.dataset is not None and self.dataset[self.index].mask_path is not None
 
+    @property
+    def image_labels(self) -> np.ndarray | None:
+        """The image-level multi-hot class labels of a VOC sample; None for a loose file."""
+        return None if self.dataset is None else self.dataset[self.index].labels
+
     def load_mask(self) -> np.ndarray:
         """``H x W`` uint8 ids (255 ignore), checked against the image and the class count."""
         sample = self.sample
@@ -68,7 +73,7 @@ class ImageBatches:
 
     def __len__(self) -> int:
         """Number of batches."""
-        return len(self._groups())
+        return len(self.groups())
 
     @property
     def ids(self) -> list[str]:
@@ -103,20 +108,21 @@ class ImageBatches:
         self._shapes = shapes
         return self
 
-    def _groups(self) -> list[list[int]]:
+    def groups(self) -> list[list[int]]:
+        """Indices of the images in each batch (same size, at most ``batch``)."""
         if self._shapes is None:
             self.check()
         return group_by_size(self._shapes, self.batch)
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         """``{input_name: N x 3 x H x W float32 0..1}`` per batch; a new pass every time."""
-        for indices in self._groups():
+        for indices in self.groups():
             yield {self.input_name: stack_batch([self.load(i) for i in indices])}
 
     def with_masks(self) -> Iterator[tuple[list[int], np.ndarray, list[np.ndarray] | None]]:
         """``(indices, N x 3 x H x W float32 batch, masks or None)`` per batch (masks when every image has one)."""
         use_masks = all(r.has_mask for r in self.refs)
-        for indices in self._groups():
+        for indices in self.groups():
             images = [self.load(i) for i in indices]
             masks = [self.load_mask(i, im.shape[:2]) for i, im in zip(indices, images, strict=True)] if use_masks \
                 else None

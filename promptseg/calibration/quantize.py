@@ -59,7 +59,7 @@ CALIBRATION_CHUNK = {Method.MINMAX: 8, Method.ENTROPY: 1, Method.PERCENTILE: 1}
 
 
 @contextlib.contextmanager
-def _quiet() -> Iterator[None]:
+def quiet() -> Iterator[None]:
     """ONNX Runtime's quantizer prints progress and logs a pre-processing hint on the root logger."""
     root = logging.getLogger()
     level = root.level
@@ -97,6 +97,20 @@ class Ranges:
         save_tensors_data(self.tensors, path)
         return path
 
+    def with_amax(self, amax: dict[str, float]) -> Ranges:
+        """A copy whose tensors ``amax`` get the symmetric range ``(-a, a)`` (a per-tensor repair)."""
+        from onnxruntime.quantization.calibrate import TensorData, TensorsData
+
+        data = dict(self.tensors.data)
+        for name, value in amax.items():
+            data[name] = TensorData(lowest=np.array(-value, np.float32), highest=np.array(value, np.float32))
+        return Ranges(self.method, TensorsData(self.tensors.calibration_method, data), self.num_images,
+                      self.num_batches)
+
+    def amax(self, name: str) -> float:
+        lowest, highest = self.tensors[name].range_value
+        return max(abs(float(np.min(lowest))), abs(float(np.max(highest))))
+
     def table(self) -> dict[str, dict[str, float]]:
         """``{tensor: {min, max, amax, int8_scale}}``; ``int8_scale`` is the symmetric scale ``amax / 127``."""
         out = {}
@@ -118,7 +132,7 @@ def compute_ranges(model_path: Path, images: ImageBatches, method: Method, perce
     from onnxruntime.quantization import TensorsData, create_calibrator
 
     options = {"percentile": percentile, "symmetric": symmetric} if method is Method.PERCENTILE else {}
-    with _quiet():
+    with quiet():
         calibrator = create_calibrator(Path(model_path), None, augmented_model_path=str(workdir / "augmented.onnx"),
                                        calibrate_method=ort_method(method), extra_options=options)
         batches, count = 0, 0
@@ -139,6 +153,25 @@ def compute_ranges(model_path: Path, images: ImageBatches, method: Method, perce
 
 
 # ----------------------------------------------------------------------------- graph helpers
+
+
+def name_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Give every unnamed node a unique name (``op_index``): layers are kept float, ranked and pinned by name."""
+    taken = {n.name for n in model.graph.node if n.name}
+    for index, node in enumerate(model.graph.node):
+        if not node.name:
+            name = f"{node.op_type}_{index}"
+            while name in taken:
+                name += "_"
+            node.name = name
+            taken.add(name)
+    return model
+
+
+def quantisable_layers(model: onnx.ModelProto, op_types=TENSORRT_QUANT_OPS) -> list[str]:
+    """Names of the nodes a quantiser may give Q/DQ (``op_types``), the output tail left out."""
+    tail = set(output_tail(model))
+    return [n.name for n in model.graph.node if n.op_type in op_types and n.name not in tail]
 
 
 def output_tail(model: onnx.ModelProto) -> list[str]:
@@ -190,11 +223,11 @@ def fuse_residual_adds(model: onnx.ModelProto) -> int:
                 _, index, source = max(branches)
                 add.input[index] = source
                 fused += 1
-    _prune(model)
+    prune_unused(model)
     return fused
 
 
-def _prune(model: onnx.ModelProto) -> None:
+def prune_unused(model: onnx.ModelProto) -> None:
     """Remove Q/DQ nodes nobody reads any more, then unused initializers."""
     graph = model.graph
     outputs = {o.name for o in graph.output}
@@ -273,7 +306,7 @@ def _quantize(fp32_path: Path, out_path: Path, cache_path: Path, ranges: Ranges,
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
     options = {"WeightSymmetric": True, "ActivationSymmetric": activation == "s8", **extra_options}
-    with _quiet():
+    with quiet():
         quantize_static(str(fp32_path), str(out_path), None,
                         quant_format=QuantFormat.QDQ if fmt == "qdq" else QuantFormat.QOperator,
                         op_types_to_quantize=op_types, per_channel=True, reduce_range=False,
@@ -303,14 +336,15 @@ def quantize_tensorrt(fp32_path: Path, out_path: Path, cache_path: Path, ranges:
 
 
 def quantize_cpu(candidate: CpuCandidate, fp32_path: Path, out_path: Path, cache_path: Path, ranges: Ranges,
-                 extra: dict[str, str]) -> onnx.ModelProto:
-    """One CPU candidate: QOperator or QDQ, u8 or s8 activations, all quantisable ops or convolutions only."""
+                 extra: dict[str, str], keep_float: tuple[str, ...] = ()) -> onnx.ModelProto:
+    """One CPU candidate: QOperator or QDQ, u8 or s8 activations, all quantisable ops or convolutions only;
+    the layers ``keep_float`` stay float."""
     if candidate.is_fp32:
         raise PromptsegError("the fp32 candidate is the model itself, nothing to quantise")
     fp32 = onnx.load(str(fp32_path))
     model = _quantize(fp32_path, out_path, cache_path, ranges, fmt=candidate.format, activation=candidate.activation,
-                      op_types=list(CONV_LIKE) if candidate.ops == "conv" else None, exclude=output_tail(fp32),
-                      extra_options={})
+                      op_types=list(CONV_LIKE) if candidate.ops == "conv" else None,
+                      exclude=output_tail(fp32) + list(keep_float), extra_options={})
     model = _finish(model, extra)
     onnx.save(model, str(out_path))
     return model

@@ -99,7 +99,7 @@ def export_run(cfg: ExportConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "export_config.json", cfg)
     segmenter, seg_classes = load_segmenter(seg_run)
-    cam_net, cam_config, _ = load_cam_run(cam_run)
+    cam_net, cam_config, cam_report = load_cam_run(cam_run)
     data = cam_config["data"]
     if tuple(VOCDataset(data, cam_config["split"]).class_names) != seg_classes:
         raise PromptsegError(f"{seg_run} was trained on classes {seg_classes} | {cam_run} on another list")
@@ -119,8 +119,10 @@ def export_run(cfg: ExportConfig) -> dict:
     report: dict = {"method": cfg.method, "opset": OPSET, "files": {}}
     failures = []
     for kind, (module, spec, class_names, input_size) in graphs.items():
-        meta = model_metadata(kind, class_names, input_size, cfg.method, text_sha,
-                              {"source_run": str(seg_run if kind == "segmenter" else cam_run)})
+        # the CAM graph carries the run's background threshold: its pseudo-masks (and the INT8 gate) need it
+        extra = {"source_run": str(seg_run)} if kind == "segmenter" else {
+            "source_run": str(cam_run), "cam_threshold": str(cam_report["background_threshold"])}
+        meta = model_metadata(kind, class_names, input_size, cfg.method, text_sha, extra)
         path = out / spec.filename
         model = export_onnx(module, spec, meta, example, path)
         entry = {"ops": sorted({n.op_type for n in model.graph.node}), "checker": "onnx.checker full_check passed"}

@@ -81,6 +81,17 @@ def resize_labels(labels: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
     return np.asarray(Image.fromarray(labels.astype(np.uint8)).resize((size_hw[1], size_hw[0]), Image.NEAREST))
 
 
+def cams_to_mask(cams: np.ndarray, threshold: float) -> np.ndarray:
+    """``C x H x W`` maps in 0..1 -> ``H x W`` uint8 ids: the argmax class where the strongest map
+    exceeds ``threshold``, else 0 = background (how CAMs become pseudo-masks, in training and on the device)."""
+    return mask_from_peak(cams.max(0), (cams.argmax(0) + 1).astype(np.uint8), threshold)
+
+
+def mask_from_peak(peak: np.ndarray, ids: np.ndarray, threshold: float) -> np.ndarray:
+    """:func:`cams_to_mask` from a precomputed peak map and argmax ids (one argmax for many thresholds)."""
+    return np.where(peak > threshold, ids, np.uint8(0))
+
+
 def labels_to_png(labels: np.ndarray, palette: Sequence[Sequence[int]]) -> Image.Image:
     """``H x W`` integer ids -> a palette PNG image whose colours are the model's palette."""
     if labels.ndim != 2:

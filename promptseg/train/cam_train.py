@@ -24,12 +24,12 @@ from ..data.images import image_size
 from ..data.voc import VOCDataset
 from ..errors import ConfigError, PromptsegError
 from ..io import write_json_atomic
+from ..runtime.processing import cams_to_mask
 from .cam_net import CamNet
 from .cams import (
     CLIMS_BACKGROUND_THRESHOLD,
     IMAGENET_MEAN,
     IMAGENET_STD,
-    cams_to_mask,
     imagenet_normalise,
     infer_cams,
     score_cams,

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from ..data.palette import IGNORE_INDEX
 from ..eval import ConfusionMatrix, ContextLeak
+from ..runtime.processing import mask_from_peak
 from .hardware import Throughput, autocast, count_flops, to_memory_format
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -65,16 +66,6 @@ def infer_cams(net, images_u8: np.ndarray, labels: np.ndarray, scales: Sequence[
     return (total / peak).cpu().numpy()
 
 
-def cams_to_mask(cams: np.ndarray, threshold: float) -> np.ndarray:
-    """``C x H x W`` maps in 0..1 -> ``H x W`` uint8 ids: the argmax class where the strongest map
-    exceeds ``threshold``, else 0 = background."""
-    return _mask_from_peak(cams.max(0), (cams.argmax(0) + 1).astype(np.uint8), threshold)
-
-
-def _mask_from_peak(peak: np.ndarray, ids: np.ndarray, threshold: float) -> np.ndarray:
-    return np.where(peak > threshold, ids, np.uint8(0))
-
-
 CAM_THRESHOLDS = tuple(float(t) for t in np.round(np.arange(0.05, 0.96, 0.05), 2))
 
 
@@ -98,7 +89,7 @@ class CamScores:
     def update(self, cams: np.ndarray, gt: np.ndarray, context: np.ndarray | None) -> None:
         peak, ids = cams.max(0), (cams.argmax(0) + 1).astype(np.uint8)
         for t in self.thresholds:
-            pred = _mask_from_peak(peak, ids, t)  # cams_to_mask(cams, t) with the argmax done once
+            pred = mask_from_peak(peak, ids, t)  # cams_to_mask(cams, t) with the argmax done once
             self.matrices[t].update(pred, gt)
             if t == self.threshold:
                 if context is None:

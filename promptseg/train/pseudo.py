@@ -25,8 +25,9 @@ from ..data.voc import VOCDataset
 from ..errors import ConfigError, PromptsegError
 from ..eval import ConfusionMatrix, ContextLeak
 from ..io import read_json, write_bytes_atomic, write_json_atomic
+from ..runtime.processing import cams_to_mask
 from .cam_net import CamNet, CamNetConfig
-from .cams import CamScores, cams_to_mask, infer_cams
+from .cams import CamScores, infer_cams
 from .checkpoint import load_checkpoint
 from .hardware import Throughput, precision_facts, resolve_amp, resolve_channels_last
 
