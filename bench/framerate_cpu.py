@@ -107,11 +107,17 @@ def infer_before(ref: str, model: Path, frames: Path, out: Path, overlay: bool) 
         with tarfile.open(fileobj=BytesIO(archive.stdout)) as tar:
             tar.extractall(tree, filter="data")
     env = dict(os.environ, PYTHONPATH=str(tree))
-    code = ("import sys; from promptseg.runtime.cli import infer; "
+    code = ("import sys, promptseg; print('FROM', promptseg.__file__); from promptseg.runtime.cli import infer; "
             "infer.main(sys.argv[1:], standalone_mode=False); "
             "print('VMHWM', [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1])")
-    args = [str(model), "--input", str(frames), "--out", str(out)] + (["--overlay"] if overlay else [])
-    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, check=True)
+    args = [str(p.resolve()) for p in (model, frames, out)]
+    args = [args[0], "--input", args[1], "--out", args[2]] + (["--overlay"] if overlay else [])
+    # run in the extracted tree: `python -c` puts the working directory first on sys.path
+    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, check=True,
+                          cwd=tree)
+    source = next(line for line in done.stdout.splitlines() if line.startswith("FROM")).split(maxsplit=1)[1]
+    if not Path(source).resolve().is_relative_to(tree.resolve()):
+        raise SystemExit(f"the old infer imported {source}, not the code of {ref}")
     summary = read_json(out / "summary.json")
     rss = int(next(line for line in done.stdout.splitlines() if line.startswith("VMHWM")).split()[1]) / 1024
     return {"ref": ref, "overlay": overlay, "frames": summary["succeeded"], "seconds": summary["seconds"],
@@ -137,8 +143,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", default="runs/framerate", help="folder for the model, frames and outputs")
     parser.add_argument("--before", default="682fbeb", help="git ref of the old infer to compare with")
-    parser.add_argument("--frames", type=int, default=40)
-    parser.add_argument("--video-frames", type=int, default=90)
+    parser.add_argument("--frames", type=int, default=120)
+    parser.add_argument("--video-frames", type=int, default=300)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 4, 8])
     parser.add_argument("--epochs", type=int, default=10)
     args = parser.parse_args()
@@ -175,6 +181,7 @@ def main() -> None:
         "video_overlay_fps": best("video", True)["frames_per_s"],
         "best_masks_ms_over_graph_at_network_input": best("images", False)["ms_per_frame"] / graph["network_input_ms"],
         "best_masks_ms_over_graph_at_old_1024_feed": best("images", False)["ms_per_frame"] / graph["old_feed_1024_ms"],
+        "peak_rss_mb_of_the_best_rows": max(best(k, o)["peak_rss_mb"] for k in ("images", "video") for o in (0, 1)),
         "max_peak_rss_mb": max(r["peak_rss_mb"] for r in rows),
         "label_agreement_with_before": agreement["label_agreement"],
     }
@@ -214,7 +221,8 @@ def render(result: dict) -> str:
               f"- end-to-end ms per frame over the graph's: {checks['best_masks_ms_over_graph_at_network_input']:.1f}x "
               f"the graph at the network's input size, {checks['best_masks_ms_over_graph_at_old_1024_feed']:.2f}x "
               f"the graph at the old 1024 px feed (goal <= {GOALS['end_to_end_over_graph']:.0f}x)",
-              f"- peak RSS: {checks['max_peak_rss_mb']:.0f} MB (goal <= {GOALS['peak_rss_mb']:.0f})",
+              f"- peak RSS: {checks['peak_rss_mb_of_the_best_rows']:.0f} MB at most in the four rows above, "
+              f"{checks['max_peak_rss_mb']:.0f} MB in the largest row (goal <= {GOALS['peak_rss_mb']:.0f})",
               f"- the same masks: label agreement with the old path {100 * checks['label_agreement_with_before']:.3f}% "
               f"over {result['agreement']['frames']} frames (goal >= {100 * GOALS['label_agreement']:.1f}%)", ""]
     return "\n".join(lines)

@@ -109,11 +109,18 @@ def test_yuv_tint_is_the_rgb_overlay_seen_through_the_video_colour_matrix():
         tint_yuv420_in_place(np.zeros((64, 96), np.uint8), labels, PALETTE)
 
 
-def test_model_input_is_one_resize_to_the_networks_size():
-    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (1080, 1920, 3), dtype=np.uint8))
-    assert to_model_size(image, (64, 48)).shape == (64, 48, 3)
-    same = Image.new("RGB", (48, 64), (1, 2, 3))
-    np.testing.assert_array_equal(to_model_size(same, (64, 48)), np.asarray(same))
+@pytest.mark.parametrize("size_hw", [(1080, 1920), (61, 97), (20, 13)])  # down, odd, up
+def test_frames_are_sampled_to_the_networks_size_as_the_graph_samples_them(size_hw):
+    """The host feeds the graph what its own Resize (torch's bilinear, half-pixel centres, no antialiasing)
+    would make of the full frame: the trained network saw exactly that."""
+    image = np.random.default_rng(0).integers(0, 256, (*size_hw, 3), dtype=np.uint8)
+    got = to_model_size(Image.fromarray(image), (64, 48))
+    graph = F.interpolate(torch.from_numpy(image).permute(2, 0, 1)[None].float(), size=(64, 48), mode="bilinear",
+                          align_corners=False)[0].permute(1, 2, 0).numpy()
+    assert got.shape == (64, 48, 3) and got.dtype == np.uint8
+    assert np.abs(got.astype(np.float32) - graph).max() <= 0.5 + 1e-3  # rounding to uint8 only
+    same = np.zeros((64, 48, 3), np.uint8)
+    assert to_model_size(same, (64, 48)) is same
 
 
 def _gradient(height: int, width: int) -> np.ndarray:

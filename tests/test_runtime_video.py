@@ -85,7 +85,7 @@ def test_a_two_second_video_gives_an_overlay_video_with_the_same_frame_count(mod
 
 def test_each_frames_mask_is_the_runner_on_that_frame_alone(model, clip, tmp_path):
     from promptseg.runtime.backends import open_runner
-    from promptseg.runtime.processing import stack_batch, upsample_labels
+    from promptseg.runtime.processing import stack_batch, to_model_size, upsample_labels
 
     summary = run_infer(InferConfig(model=str(model), inputs=(str(clip),), out=str(tmp_path), batch=3, max_frames=7))
     assert summary["succeeded"] == 7 and summary["video"]["frames"] == 7  # --max-frames
@@ -94,7 +94,7 @@ def test_each_frames_mask_is_the_runner_on_that_frame_alone(model, clip, tmp_pat
         for i, frame in enumerate(container.decode(video=0)):
             if i == 7:
                 break
-            feed = stack_batch([frame.to_ndarray(width=w, height=h, format="rgb24", interpolation="AREA")])
+            feed = stack_batch([to_model_size(frame.to_ndarray(format="rgb24"), (h, w))])
             alone = upsample_labels(runner.infer({"image": feed})["logits"][0], (SIZE_WH[1], SIZE_WH[0]))
             written = np.asarray(Image.open(tmp_path / "masks" / f"clip_{i:06d}.png"))
             np.testing.assert_array_equal(written, alone, err_msg=f"frame {i}")

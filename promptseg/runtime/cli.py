@@ -31,7 +31,7 @@ def _backend_options(f):
         click.option("--providers", default="cpu", show_default=True,
                      help="ONNX Runtime providers, comma-separated (tensorrt, cuda, cpu) or 'auto' for all present."),
         click.option("--threads", type=click.IntRange(min=1),
-                     help="ONNX Runtime intra-op threads [default: all cores]."),
+                     help="ONNX Runtime intra-op threads [default: all cores; infer: half of them]."),
         click.option("--precision", type=click.Choice(RUN_PRECISIONS),
                      help="TensorRT engine (fp32, fp16, int8) or OpenVINO (fp32, bf16 where the CPU has it, int8) "
                           "precision; ONNX Runtime runs the graph as it is [default: the ONNX graph's own]."),
@@ -85,7 +85,8 @@ class FrameProgress:
               help="Folder for masks/, overlays/ (overlay.mp4 for a video) and summary.json.")
 @click.option("--backend", type=click.Choice(BACKENDS), default="onnxruntime", show_default=True)
 @click.option("--batch", default=1, show_default=True, type=click.IntRange(min=1),
-              help="Frames per inference (every frame runs at the network's input size, so any frames batch).")
+              help="Frames per inference (every frame runs at the network's input size, so any frames batch); "
+                   "1 for the lowest latency, 4-8 for the most frames per second.")
 @click.option("--overlay", is_flag=True, help="Also write the frame with the mask tinted over it.")
 @click.option("--overlay-format", type=click.Choice(OVERLAY_FORMATS), default="jpeg", show_default=True,
               help="Image overlays as JPEG (fast) or PNG (lossless). A video's overlay is always overlay.mp4.")

