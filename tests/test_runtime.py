@@ -149,7 +149,10 @@ def test_int8_kernels_compute_the_qdq_arithmetic(models, backend):
     with open_runner(models["int8_7bit"], backend) as runner:
         assert runner.precision == "int8"
         out = runner.infer({"image": x})
-    np.testing.assert_allclose(out["logits"], qdq_in_float(models["int8_7bit"], x), atol=1e-4)
+        # OpenVINO runs the float layers around the Q/DQ ones in bf16 where the CPU has bf16 units, and says so
+        bf16_tail = "the float layers bf16" in runner.precision_note
+    tolerance = {"rtol": 2 ** -7, "atol": 2e-3} if bf16_tail else {"atol": 1e-4}
+    np.testing.assert_allclose(out["logits"], qdq_in_float(models["int8_7bit"], x), **tolerance)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

@@ -162,3 +162,46 @@ def test_the_graph_gets_chw_rgb_in_0_to_1():
     batch = stack_batch(images)
     assert batch.shape == (2, 3, 5, 7) and batch.dtype == np.float32 and batch.flags.c_contiguous
     np.testing.assert_allclose(batch[1, 2], images[1][:, :, 2] / 255.0, rtol=1e-6)  # channel 2 is blue
+
+
+def test_frames_held_at_once_stay_bounded_whatever_the_batch(tmp_path, monkeypatch):
+    """The pipeline holds the batch being filled plus a few frames per worker, not a batch-sized queue on
+    each side: with post-processing the slow stage, every queue fills, so a deeper one would show."""
+    import threading
+    import time
+
+    from test_runtime_models import tiny_segmenter
+
+    from promptseg.runtime import infer as infer_module
+    from promptseg.runtime.sources import ImageFiles
+
+    model = tiny_segmenter(tmp_path / "seg.onnx")
+    for i in range(40):
+        Image.fromarray(_gradient(48, 64 + i)).save(tmp_path / f"frame_{i:02d}.png")
+    held, peak, lock = [0], [0], threading.Lock()
+    load, finish = ImageFiles.load, infer_module._Outputs.finish
+
+    def counted_load(self, index):
+        frame = load(self, index)
+        with lock:
+            held[0] += 1
+            peak[0] = max(peak[0], held[0])
+        return frame
+
+    def slow_finish(self, frame, logits):
+        time.sleep(0.01)
+        try:
+            return finish(self, frame, logits)
+        finally:
+            with lock:
+                held[0] -= 1
+
+    monkeypatch.setattr(ImageFiles, "load", counted_load)
+    monkeypatch.setattr(infer_module._Outputs, "finish", slow_finish)
+    batch, workers = 8, 2
+    summary = infer_module.run_infer(infer_module.InferConfig(
+        model=str(model), inputs=(str(tmp_path),), out=str(tmp_path / "out"), batch=batch, workers=workers,
+        overlay=True))
+    assert summary["succeeded"] == 40 and held[0] == 0
+    # the batch, workers + 1 decoding ahead, workers + 1 queued for the sink, one per worker being finished
+    assert batch + workers <= peak[0] <= batch + 3 * workers + 2

@@ -289,12 +289,15 @@ def run_infer(cfg: InferConfig, progress: Callable[[int], None] | None = None,
                 progress(1)
 
         workers = cfg.host_workers
-        depth = cfg.batch + workers  # frames decoded ahead, and frames between the graph and the sink
+        # frames in flight: the batch being filled, plus a few decoding ahead and a few between the graph
+        # and the sink; both few = workers + 1, enough to keep every worker busy whatever the batch
+        # (a deeper queue only holds more 1080p frames: 280 MB at batch 8 with overlays, when it was batch + workers)
+        depth = workers + 1
         graph_seconds = 0.0
         try:
             with ThreadPoolExecutor(workers, thread_name_prefix="promptseg-infer") as pool:
                 frames = _ordered(pool, source, depth) if source.kind == "images" else \
-                    _read_ahead(source.frames(), cfg.batch)  # one reader: a batch ahead is enough
+                    _read_ahead(source.frames(), depth)  # one reader thread, decoding while the batch fills
                 sink = _Sink(depth, handle)
                 try:
                     for batch in _batches(frames, cfg.batch):

@@ -297,13 +297,14 @@ class CamTrainer:
             save_checkpoint(self.out / "cam_net.pt", {"net": self.net.state_dict(),
                                                        "num_classes": self.net.num_classes,
                                                        "class_names": list(self.dataset.class_names)})
-            self.net.float()  # evaluation in fp32 on the training device
+            self.net.float()  # weights back in fp32; CAMs computed as the pseudo-mask stage computes them
             report = {"method": cfg.method, "seed": cfg.seed, "train_seconds_this_session": round(train_seconds, 1),
                       "procedure": {name: cfg.procedure(name) for name in REFERENCE_PROCEDURES["clims"]},
                       "device": str(runtime.device), "world_size": runtime.world_size,
                       **precision_facts(runtime.amp_dtype, runtime.channels_last),
                       "train_throughput": throughput.report(),
-                      **self.run_facts(), **self.evaluate(show_progress=show_progress)}
+                      **self.run_facts(), **self.evaluate(show_progress=show_progress, amp_dtype=runtime.amp_dtype,
+                                                          channels_last=runtime.channels_last)}
             self.save_pictures(report["background_threshold"])
             write_json_atomic(self.out / "report.json", report)
         runtime.barrier()
@@ -329,8 +330,12 @@ class CamTrainer:
     def load_extra_state(self, state: dict) -> None:
         """Restore method-specific state saved by :meth:`extra_state`."""
 
-    def evaluate(self, show_progress: bool = False, batch_size: int = 64) -> dict:
+    def evaluate(self, show_progress: bool = False, batch_size: int = 64, *, amp_dtype: torch.dtype | None = None,
+                 channels_last: bool = True) -> dict:
         """CAM scores on the training split (WSSS evaluates CAMs on train).
+
+        The CAMs are computed in the run's precision (bf16 autocast where the run trained under it), as
+        the pseudo-mask stage computes them from this network, so both report the same CAM mIoU.
 
         The background threshold is chosen on the held-out ``val_split`` (its labels never touch
         training) and then applied to train: ``cam_miou``. The CLIMS threshold 0.15 is reported
@@ -344,7 +349,8 @@ class CamTrainer:
         def items(dataset, desc):
             for chunk in tqdm(same_size_chunks(dataset, batch_size), desc=desc, disable=not show_progress):
                 images = np.stack([s.load_image() for s in chunk])
-                cams = infer_cams(self.net, images, np.stack([s.labels for s in chunk]), scales)
+                cams = infer_cams(self.net, images, np.stack([s.labels for s in chunk]), scales,
+                                  channels_last=channels_last, amp_dtype=amp_dtype)
                 for sample, sample_cams in zip(chunk, cams, strict=True):
                     context = sample.load_context() if sample.context_path is not None else None
                     yield sample_cams, sample.load_mask(), context
