@@ -600,8 +600,9 @@ def render_markdown(report: dict) -> str:
     if report.get("throughput"):
         machine = report.get("machine", {})
         peaks = ", ".join(f"{k} {v:.0f}" for k, v in machine.get("peak_gflops", {}).items())
+        units = "with" if machine.get("cpu_bf16_units") else "without"
         lines += ["", "## Throughput of the training and CAM stages", "",
-                  f"CPU {machine.get('cpu_capability')} {'with' if machine.get('cpu_bf16_units') else 'without'} bf16 units"
+                  f"CPU {machine.get('cpu_capability')} {units} bf16 units"
                   f", {machine.get('threads')} threads; matmul peak measured at the start of the run (GFLOP/s): "
                   f"{peaks}. FLOPs counted by PyTorch's FLOP counter (training: one step of each run, forward and "
                   "backward; CAMs: every batch).", "",
