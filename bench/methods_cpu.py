@@ -7,7 +7,13 @@ mIoU, context leak, pseudo-mask mIoU and (for the shipped method) the segmenter'
 paired differences the papers claim with their intervals and verdicts (promptseg.claims); and the
 README's claims table. Seeds 0-4 are for reporting only: tune on others.
 
+A seed takes about 30-40 minutes on 2 cores, and runs/ does not outlive a session here, so a seed
+whose run is gone can be taken from the record it left in methods_cpu.json (``--recorded``): the
+claims are paired by seed, so each seed's methods must come from one run on one machine, and the
+record names each seed's machine and precision.
+
     python bench/methods_cpu.py --seeds 0 1 2 3 4
+    python bench/methods_cpu.py --seeds 0 1 2 3 4 --recorded 0 1   # 0, 1 from the last record
     python bench/methods_cpu.py --render   # markdown and README table again from the JSON
 """
 
@@ -28,9 +34,24 @@ METHODS = (*CAM_METHODS, "semples_no_suppression")
 METRICS = ("cam_miou", "context_leak", "pseudo_mask_miou", "seg_val_miou")
 
 
+def precision(record: dict) -> str:
+    """How a seed's run computed: the pipeline turns bf16 autocast on where the CPU has bf16 units."""
+    machine = record.get("machine", {})
+    units = machine.get("cpu_bf16_units")
+    return f"{machine.get('cpu_capability', '?')}, " + ("bf16 autocast" if units else "fp32" if units is False else "?")
+
+
+def chain_of(per_seed: dict, what: str) -> str:
+    """``what`` plus the seeds each precision covered (e.g. seeds 0, 1 AVX512 bf16; 2-4 AVX2 fp32)."""
+    groups: dict[str, list[str]] = {}
+    for seed, record in per_seed.items():
+        groups.setdefault(precision(record), []).append(str(seed))
+    return f"{what}; " + "; ".join(f"seeds {', '.join(seeds)}: {kind}" for kind, seeds in groups.items())
+
+
 def summarise(seeds: list[int], per_seed: dict, chain: str) -> dict:
     methods = {s: per_seed[s]["methods"] for s in seeds}
-    return {"seeds": seeds, "chain": chain, "machine": platform.processor() or platform.machine(),
+    return {"seeds": seeds, "chain": chain_of(per_seed, chain), "machine": platform.processor() or platform.machine(),
             "differences": claims_over_seeds(methods),
             "methods": {metric: method_intervals(methods, metric) for metric in METRICS},
             "segmenter_on_ground_truth": method_intervals(
@@ -57,7 +78,16 @@ def render(result: dict) -> None:
                      f"{cell('pseudo_mask_miou', method, '.1f')} | {cell('seg_val_miou', method, '.1f')} |")
     lines += ["", "Mean [95% t-interval] over seeds. CAMs at 4 scales with flips, background threshold chosen on val.",
               "", "## Claims (paired by seed)", "", *[f"- {describe(n, r)}" for n, r in result["differences"].items()],
-              ""]
+              "", "## Per seed (CAM mIoU; each seed's methods from one run on one machine)", ""]
+    methods = list(result["methods"]["cam_miou"])
+    lines += [f"| seed | machine | {' | '.join(methods)} | segmenter | on ground truth |",
+              "| --- | --- |" + " ---: |" * (len(methods) + 2)]
+    for seed in result["seeds"]:
+        record = result["per_seed"][str(seed)] if str(seed) in result["per_seed"] else result["per_seed"][seed]
+        cams = " | ".join(f"{record['methods'][m]['cam_miou']:.1f}" for m in methods)
+        lines.append(f"| {seed} | {precision(record)} | {cams} | {record['seg_val_miou']:.1f} | "
+                     f"{record['seg_val_miou_gt_trained']:.1f} |")
+    lines.append("")
     (RESULTS / "methods_cpu.md").write_text("\n".join(lines))
     readme = README.read_text()
     block = re.compile(re.escape(README_START) + ".*?" + re.escape(README_END), re.S)
@@ -72,6 +102,8 @@ def main() -> None:
     parser.add_argument("--runs", default="runs", help="folder that holds runs/demo_seed<N>")
     parser.add_argument("--run", action="append", default=[], metavar="SEED=DIR",
                         help="use DIR for SEED (e.g. 0=runs/demo to reuse the demo's run)")
+    parser.add_argument("--recorded", type=int, nargs="+", default=[], metavar="SEED",
+                        help="take these seeds from bench/results/methods_cpu.json's per-seed records (their runs are gone)")
     parser.add_argument("--render", action="store_true", help="only render the markdown and README from the JSON")
     parser.add_argument("--chain", default="the current defaults", help="what the runs were, for the record")
     args = parser.parse_args()
@@ -80,8 +112,13 @@ def main() -> None:
         render(json.loads((RESULTS / "methods_cpu.json").read_text()))
         return
     dirs = {int(k): v for k, v in (item.split("=", 1) for item in args.run)}
-    per_seed = {seed: run_pipeline(PipelineConfig(out=dirs.get(seed, f"{args.runs}/demo_seed{seed}"), seed=seed,
-                                                  methods=METHODS))
+    recorded = json.loads((RESULTS / "methods_cpu.json").read_text())["per_seed"] if args.recorded else {}
+    missing = [seed for seed in args.recorded if str(seed) not in recorded]
+    if missing:
+        parser.error(f"bench/results/methods_cpu.json has no record of seed(s) {missing}")
+    per_seed = {seed: recorded[str(seed)] if seed in args.recorded else
+                run_pipeline(PipelineConfig(out=dirs.get(seed, f"{args.runs}/demo_seed{seed}"), seed=seed,
+                                            methods=METHODS))
                 for seed in args.seeds}
     result = summarise(args.seeds, per_seed, args.chain)
     (RESULTS / "methods_cpu.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -95,9 +95,10 @@ def test_yuv_tint_is_the_rgb_overlay_seen_through_the_video_colour_matrix():
     """Tinting the decoded planes equals tinting in RGB, up to YUV rounding (the blend is linear)."""
     av = pytest.importorskip("av")
     rng = np.random.default_rng(1)
-    rgb = np.repeat(np.repeat(rng.integers(30, 220, (8, 12, 3), dtype=np.uint8), 8, 0), 8, 1)  # 64 x 96, flat 8x8
-    labels = np.zeros((64, 96), np.uint8)
-    labels[16:48, 8:56], labels[8:24, 64:88] = 2, 5  # even-aligned regions: chroma blocks are not split
+    rgb = np.repeat(np.repeat(rng.integers(30, 220, (26, 12, 3), dtype=np.uint8), 8, 0), 8, 1)  # 208 x 96, flat 8x8
+    labels = np.zeros((208, 96), np.uint8)
+    # even-aligned regions (chroma blocks are not split), across the 64-row strips the tint works in
+    labels[16:150, 8:56], labels[8:24, 64:88], labels[120:200, 60:90] = 2, 5, 3
     planes = av.VideoFrame.from_ndarray(rgb, format="rgb24").to_ndarray(format="yuv420p")
     tinted = tint_yuv420_in_place(planes.copy(), labels, PALETTE)
     seen = av.VideoFrame.from_ndarray(tinted, format="yuv420p").to_ndarray(format="rgb24").astype(int)
@@ -105,8 +106,8 @@ def test_yuv_tint_is_the_rgb_overlay_seen_through_the_video_colour_matrix():
     want = overlay(untouched.astype(np.uint8), labels, PALETTE).astype(int)
     assert np.abs(seen - want).max() <= 4
     np.testing.assert_array_equal(seen[labels == 0], untouched[labels == 0])
-    with pytest.raises(PromptsegError, match=r"yuv420p planes: got \(64, 96\) for labels \(64, 96\)"):
-        tint_yuv420_in_place(np.zeros((64, 96), np.uint8), labels, PALETTE)
+    with pytest.raises(PromptsegError, match=r"yuv420p planes: got \(208, 96\) for labels \(208, 96\)"):
+        tint_yuv420_in_place(np.zeros((208, 96), np.uint8), labels, PALETTE)
 
 
 @pytest.mark.parametrize("size_hw", [(1080, 1920), (61, 97), (20, 13)])  # down, odd, up

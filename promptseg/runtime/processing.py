@@ -269,7 +269,12 @@ def tint_yuv420_in_place(planes: np.ndarray, labels: np.ndarray, palette: Sequen
         scale = plane.shape[0] / height
         x0, y0 = int(box[0] * scale), int(box[1] * scale)
         x1, y1 = -(-box[2] * plane.shape[1] // width), -(-box[3] * plane.shape[0] // height)
-        region, inside = plane[y0:y1, x0:x1], plane_labels[y0:y1, x0:x1]
-        tinted = (region.astype(np.uint16) * (256 - weight) + lut[inside] * weight + 128) >> 8
-        np.copyto(region, tinted.astype(np.uint8), where=inside > 0)
+        for top in range(y0, y1, _TINT_ROWS):  # strips: the uint16 temporaries stay small in every worker
+            bottom = min(top + _TINT_ROWS, y1)
+            region, inside = plane[top:bottom, x0:x1], plane_labels[top:bottom, x0:x1]
+            tinted = (region.astype(np.uint16) * (256 - weight) + lut[inside] * weight + 128) >> 8
+            np.copyto(region, tinted.astype(np.uint8), where=inside > 0)
     return planes
+
+
+_TINT_ROWS = 64  # rows per strip of the yuv tint: a 1080p luma strip's temporaries are ~0.25 MB each
