@@ -7,13 +7,13 @@ mIoU, context leak, pseudo-mask mIoU and (for the shipped method) the segmenter'
 paired differences the papers claim with their intervals and verdicts (promptseg.claims); and the
 README's claims table. Seeds 0-4 are for reporting only: tune on others.
 
-A seed takes about 30-40 minutes on 2 cores, and runs/ does not outlive a session here, so a seed
-whose run is gone can be taken from the record it left in methods_cpu.json (``--recorded``): the
-claims are paired by seed, so each seed's methods must come from one run on one machine, and the
-record names each seed's machine and precision.
+A seed takes 40 (AVX-512, bf16) to 75 minutes (AVX2, fp32) on 2 cores, and runs/ does not outlive
+a session here, so a seed whose run is gone can be taken from the record it left in methods_cpu.json
+(``--recorded``): the claims are paired by seed, so each seed's methods must come from one run on
+one machine, and the record names each seed's machine and precision.
 
     python bench/methods_cpu.py --seeds 0 1 2 3 4
-    python bench/methods_cpu.py --seeds 0 1 2 3 4 --recorded 0 1   # 0, 1 from the last record
+    python bench/methods_cpu.py --seeds 0 1 2 3 4 --recorded 0 1 2 3   # 0-3 from the last record
     python bench/methods_cpu.py --render   # markdown and README table again from the JSON
 """
 
@@ -56,7 +56,7 @@ def summarise(seeds: list[int], per_seed: dict, chain: str) -> dict:
             "methods": {metric: method_intervals(methods, metric) for metric in METRICS},
             "segmenter_on_ground_truth": method_intervals(
                 {s: {"gt": {"miou": per_seed[s]["seg_val_miou_gt_trained"]}} for s in seeds}, "miou").get("gt"),
-            "per_seed": per_seed}
+            "per_seed": {str(seed): record for seed, record in per_seed.items()}}  # as JSON keys them
 
 
 def render(result: dict) -> None:
@@ -83,7 +83,7 @@ def render(result: dict) -> None:
     lines += [f"| seed | machine | {' | '.join(methods)} | segmenter | on ground truth |",
               "| --- | --- |" + " ---: |" * (len(methods) + 2)]
     for seed in result["seeds"]:
-        record = result["per_seed"][str(seed)] if str(seed) in result["per_seed"] else result["per_seed"][seed]
+        record = result["per_seed"][str(seed)]
         cams = " | ".join(f"{record['methods'][m]['cam_miou']:.1f}" for m in methods)
         lines.append(f"| {seed} | {precision(record)} | {cams} | {record['seg_val_miou']:.1f} | "
                      f"{record['seg_val_miou_gt_trained']:.1f} |")
@@ -105,7 +105,8 @@ def main() -> None:
     parser.add_argument("--recorded", type=int, nargs="+", default=[], metavar="SEED",
                         help="take these seeds from bench/results/methods_cpu.json's per-seed records (their runs are gone)")
     parser.add_argument("--render", action="store_true", help="only render the markdown and README from the JSON")
-    parser.add_argument("--chain", default="the current defaults", help="what the runs were, for the record")
+    parser.add_argument("--chain", default="the current defaults (faithful reference budgets, prebuilt CLIP and backbone)",
+                        help="what the runs were, for the record")
     args = parser.parse_args()
     RESULTS.mkdir(exist_ok=True)
     if args.render:
